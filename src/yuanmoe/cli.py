@@ -1,0 +1,43 @@
+"""The `yuan` command line. Each subcommand lives beside the code it drives and registers here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .config import ConfigError
+from .convert import CheckpointError
+
+# Modules that define `register(subparsers)`; each adds its subcommands with a `func` default.
+COMMAND_MODULES = [
+    "yuanmoe.info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(prog="yuan", description="Yuan 2.0-M32 in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
+        if os.environ.get("YUAN_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Localized Filtering-based Attention (LFA), the attention of Yuan 2.0.
+
+Queries and keys see a locally filtered input: two causal convolutions of kernel 2 over time
+(hidden -> hidden/2 -> hidden) plus a residual and an RMSNorm, so f[t] mixes x[t-2..t].
+Values come from the unfiltered input. RoPE (fp32) covers the first `rotary_dim` dims of a head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import YuanConfig
+from .cache import DecodeCache
+from .norm import RMSNorm
+
+
+class LocalizedFilter(nn.Module):
+    """f[t] = RMSNorm(c2[t] + x[t]) with c1 = conv1(x), c2 = conv2(c1), causal kernel-2 convolutions.
+
+    A convolution over (earlier, current) is one linear map of their concatenation: conv1.weight
+    is [hidden/2, 2*hidden] = [A0 | A1], A0 multiplying the earlier token.
+    """
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.conv1 = nn.Linear(2 * hidden_size, hidden_size // 2)
+        self.conv2 = nn.Linear(hidden_size, hidden_size)
+        self.norm = RMSNorm(hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor,
+                state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [b, s, h]; keep: [b, s] True where the token has a predecessor in its document;
+        state: [b, 2, h] the two inputs before x (None at the start of the sequence).
+        Returns the filtered input and the new state (the last two inputs, masked the same way)."""
+        keep = keep.unsqueeze(-1).to(x.dtype)
+        if state is None:
+            prev_x = F.pad(x[:, :-1], (0, 0, 1, 0))
+            c1_before = x.new_zeros(x.shape[0], 1, self.conv1.out_features)
+        else:
+            prev_x = torch.cat([state[:, 1:], x[:, :-1]], dim=1)
+            c1_before = self.conv1(state.flatten(1).unsqueeze(1))
+        prev_x = prev_x * keep
+        c1 = self.conv1(torch.cat([prev_x, x], dim=-1))
+        prev_c1 = torch.cat([c1_before, c1[:, :-1]], dim=1) * keep
+        c2 = self.conv2(torch.cat([prev_c1, c1], dim=-1))
+        new_state = torch.cat([prev_x[:, -1:], x[:, -1:]], dim=1)
+        return self.norm(c2 + x), new_state
+
+
+def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [b, 1, s, rotary_dim] for rotate-half RoPE."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device,
+                                            dtype=torch.float32) / rotary_dim))
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+    emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] dims of each head of x [b, heads, s, head_dim], in fp32."""
+    rot = cos.shape[-1]
+    xr, x_pass = x[..., :rot].float(), x[..., rot:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    rotated = xr * cos + torch.cat([-x2, x1], dim=-1) * sin
+    return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
+
+
+class LocalizedFilteringAttention(nn.Module):
+    def __init__(self, config: YuanConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        proj = config.attention_projection_size
+        self.q_proj = nn.Linear(config.hidden_size, proj, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, proj, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, proj, bias=False)
+        self.o_proj = nn.Linear(proj, config.hidden_size, bias=False)
+        self.lf_gate = LocalizedFilter(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
+                mask: torch.Tensor | None, cache: DecodeCache | None = None) -> torch.Tensor:
+        """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend) or None for
+        plain causal attention over x alone."""
+        b, s, _ = x.shape
+        heads = (b, s, self.num_heads, self.head_dim)
+        state = cache.lfa[self.layer_idx] if cache is not None and cache.length > 0 else None
+        f, new_state = self.lf_gate(x, keep, state)
+        q = apply_rope(self.q_proj(f).view(heads).transpose(1, 2), *rope)
+        k = apply_rope(self.k_proj(f).view(heads).transpose(1, 2), *rope)
+        v = self.v_proj(x).view(heads).transpose(1, 2)
+        if cache is not None:
+            start, end = cache.length, cache.length + s
+            cache.lfa[self.layer_idx] = new_state
+            cache.k[self.layer_idx, :, :, start:end] = k
+            cache.v[self.layer_idx, :, :, start:end] = v
+            k = cache.k[self.layer_idx, :, :, :end]
+            v = cache.v[self.layer_idx, :, :, :end]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
