@@ -133,52 +133,77 @@ def _linear_to_conv(w: torch.Tensor) -> torch.Tensor:
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
-def official_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
-    """Rename and reshape official tensors into this project's state dict (names as in
-    YuanForCausalLM.state_dict(), lm_head omitted when tied)."""
-    src = dict(tensors)
-    out: dict[str, torch.Tensor] = {}
-
+def _taker(src: dict[str, torch.Tensor]):
     def take(name: str) -> torch.Tensor:
         if name not in src:
             raise CheckpointError(f"official checkpoint is missing tensor {name}")
         return src.pop(name)
 
-    out["embed_tokens.weight"] = take("model.embed_tokens.weight")
-    out["norm.weight"] = take("model.norm.weight")
+    return take
+
+
+def official_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
+    """Rename and reshape official tensors into this project's state dict (names as in
+    YuanForCausalLM.state_dict(), lm_head omitted when tied)."""
+    src = dict(tensors)
+    take = _taker(src)
+    out = _shared_from_official(take, src, config)
+    for i in range(config.num_layers):
+        out.update(_layer_from_official(take, config, i))
+    leftovers = sorted(k for k in src if not k.endswith("rotary_emb.inv_freq"))
+    if leftovers:
+        shown = ", ".join(leftovers[:10]) + (f" and {len(leftovers) - 10} more" if len(leftovers) > 10 else "")
+        raise CheckpointError(f"official checkpoint has unexpected tensors: {shown}")
+    return out
+
+
+def official_shared_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
+    """official_to_native for the tensors outside the layers: embedding, final norm, head."""
+    src = dict(tensors)
+    return _shared_from_official(_taker(src), src, config)
+
+
+def official_layer_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig, i: int) -> dict[str, torch.Tensor]:
+    """official_to_native for the tensors of layer i alone (`model.layers.{i}.*`), so a loader can
+    convert a large checkpoint one layer at a time."""
+    return _layer_from_official(_taker(dict(tensors)), config, i)
+
+
+def _shared_from_official(take, src: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
+    out = {"embed_tokens.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
     if config.tie_word_embeddings:
         head = src.pop("lm_head.weight", None)
         if head is not None and not torch.equal(head, out["embed_tokens.weight"]):
             raise CheckpointError("tie_word_embeddings is set but lm_head.weight differs from the embedding")
     else:
         out["lm_head.weight"] = take("lm_head.weight")
-    for i in range(config.num_layers):
-        p, q = f"model.layers.{i}.", f"layers.{i}."
-        out[q + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
-        out[q + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-        a = p + "self_attn."
-        wq, wk = _qk_from_official(take(a + "q_proj.weight"), take(a + "k_proj.weight"), config.num_heads)
-        out[q + "self_attn.q_proj.weight"], out[q + "self_attn.k_proj.weight"] = wq, wk
-        out[q + "self_attn.v_proj.weight"] = take(a + "v_proj.weight")
-        out[q + "self_attn.o_proj.weight"] = take(a + "o_proj.weight")
-        for conv in ("conv1", "conv2"):
-            out[q + f"self_attn.lf_gate.{conv}.weight"] = _conv_to_linear(take(a + f"lf_gate.{conv}.weight"))
-            out[q + f"self_attn.lf_gate.{conv}.bias"] = take(a + f"lf_gate.{conv}.bias")
-        out[q + "self_attn.lf_gate.norm.weight"] = take(a + "lf_gate.output_layernorm.weight")
-        m = p + "mlp."
-        if config.is_moe:
-            for proj in ("query", "key", "value"):
-                out[q + f"mlp.router.{proj}.weight"] = take(m + f"gate.{proj}.weight")
-            for w in ("w1", "w2"):
-                out[q + f"mlp.experts.{w}"] = torch.stack(
-                    [take(m + f"experts.{e}.{w}.weight") for e in range(config.num_experts)])
-        else:
-            out[q + "mlp.w1.weight"] = torch.cat([take(m + "up_proj.weight"), take(m + "gate_proj.weight")])
-            out[q + "mlp.w2.weight"] = take(m + "down_proj.weight")
-    leftovers = sorted(k for k in src if not k.endswith("rotary_emb.inv_freq"))
-    if leftovers:
-        shown = ", ".join(leftovers[:10]) + (f" and {len(leftovers) - 10} more" if len(leftovers) > 10 else "")
-        raise CheckpointError(f"official checkpoint has unexpected tensors: {shown}")
+    return out
+
+
+def _layer_from_official(take, config: YuanConfig, i: int) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    p, q = f"model.layers.{i}.", f"layers.{i}."
+    out[q + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+    out[q + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+    a = p + "self_attn."
+    wq, wk = _qk_from_official(take(a + "q_proj.weight"), take(a + "k_proj.weight"), config.num_heads)
+    out[q + "self_attn.q_proj.weight"], out[q + "self_attn.k_proj.weight"] = wq, wk
+    out[q + "self_attn.v_proj.weight"] = take(a + "v_proj.weight")
+    out[q + "self_attn.o_proj.weight"] = take(a + "o_proj.weight")
+    for conv in ("conv1", "conv2"):
+        out[q + f"self_attn.lf_gate.{conv}.weight"] = _conv_to_linear(take(a + f"lf_gate.{conv}.weight"))
+        out[q + f"self_attn.lf_gate.{conv}.bias"] = take(a + f"lf_gate.{conv}.bias")
+    out[q + "self_attn.lf_gate.norm.weight"] = take(a + "lf_gate.output_layernorm.weight")
+    m = p + "mlp."
+    if config.is_moe:
+        for proj in ("query", "key", "value"):
+            out[q + f"mlp.router.{proj}.weight"] = take(m + f"gate.{proj}.weight")
+        for w in ("w1", "w2"):
+            out[q + f"mlp.experts.{w}"] = torch.stack(
+                [take(m + f"experts.{e}.{w}.weight") for e in range(config.num_experts)])
+    else:
+        out[q + "mlp.w1.weight"] = torch.cat([take(m + "up_proj.weight"), take(m + "gate_proj.weight")])
+        out[q + "mlp.w2.weight"] = take(m + "down_proj.weight")
     return out
 
 

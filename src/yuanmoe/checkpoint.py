@@ -1,0 +1,386 @@
+"""Checkpoint folders: save a model in this project's format or the official one, load either.
+
+Native format: `config.json` (YuanConfig JSON) + `model.safetensors` (this project's tensor names;
+the tied lm_head is not stored) + tokenizer files. Official format (Yuan2-M32-hf): official
+`config.json` (it has `model_type`) + tensors under official names, in `.safetensors` or `.bin`
+files, single or sharded with an index JSON; convert/official.py maps the two.
+
+Loading is lazy and memory-safe: the model is built on the meta device, the weight files are
+memory-mapped, and each group of tensors (the embedding and final norm, then one layer at a time)
+is read, converted, cast to the requested dtype and assigned in place of the meta parameters
+before the next group is mapped. Peak memory is one copy of the model plus one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .config import ConfigError, YuanConfig
+from .convert.official import (CheckpointError, config_from_official, config_to_official, native_to_official,
+                               official_layer_to_native, official_shared_to_native)
+from .model import YuanForCausalLM
+
+CONFIG_FILE = "config.json"
+FORMATS = ("native", "official")
+# Weight files in the order they are looked for; an index JSON names the shards of a sharded checkpoint.
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
+                "pytorch_model.bin.index.json", "pytorch_model.bin")
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+_LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.")
+# Official checkpoints may carry RoPE tables as buffers; they are recomputed, never loaded.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+# ---------------------------------------------------------------------------------------- saving
+def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fmt: str = "native",
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write a self-contained checkpoint folder (config, weights, tokenizer files). The folder is
+    built under a temporary name beside `path` and renamed into place, so `path` never holds a
+    half-written checkpoint; an existing checkpoint folder at `path` is replaced."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
+        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
+    config = model.config
+    state = {k: v for k, v in model.state_dict().items()
+             if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    if fmt == "official":
+        config_text = json.dumps(config_to_official(config), indent=2) + "\n"
+        tensors = native_to_official(state, config)
+    else:
+        config_text = config.to_json()
+        tensors = state
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        (tmp / CONFIG_FILE).write_text(config_text)
+        _write_safetensors(tensors, tmp, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _replace_folder(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for file, names in zip(tqdm(files, desc="saving", unit="shard", disable=None), shards):
+        # Cloning one shard at a time gives every tensor its own storage (safetensors refuses views
+        # such as per-expert slices or the tied head) without copying the whole model at once.
+        shard = {n: tensors[n].detach().to("cpu").contiguous().clone() for n in names}
+        save_file(shard, folder / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)  # mkdtemp made it private; a checkpoint gets the usual permissions
+    for f in new.iterdir():
+        f.chmod(0o666 & ~umask)
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+        os.replace(path, old / path.name)
+        os.replace(new, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, path)
+
+
+# ---------------------------------------------------------------------------------------- loading
+def load_config(path: str | Path) -> tuple[YuanConfig, str]:
+    """The model config of a checkpoint folder and its format, "native" or "official"."""
+    folder = _checkpoint_folder(path)
+    try:
+        data = json.loads((folder / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{folder / CONFIG_FILE} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if "model_type" in data:
+        return config_from_official(data), "official"
+    return YuanConfig.from_dict(data), "native"
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device = "cpu") -> YuanForCausalLM:
+    """Load a native or official checkpoint folder; returns the model in eval mode. dtype None
+    keeps the dtype the weights are stored in."""
+    folder = _checkpoint_folder(path)
+    config, fmt = load_config(folder)
+    weights = _WeightFiles(folder)
+    model = empty_model(config)
+    # Stand-ins with the parameters' shapes and no memory (a broadcast scalar), to learn the names
+    # and shapes the checkpoint must have. Meta tensors would do, but the meta kernels of the
+    # reshaping ops in native_to_official import torch._dynamo (~3 s).
+    expected = {k: torch.zeros((), dtype=torch.uint8).expand(v.shape) for k, v in model.state_dict().items()
+                if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    if fmt == "official":
+        expected = native_to_official(expected, config)
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    else:
+        optional = set()
+    _check_names_and_shapes(weights, {k: tuple(v.shape) for k, v in expected.items()}, optional, folder)
+    dtype = _resolve_dtype(dtype) or weights.dtype_of("embed_tokens.weight" if fmt == "native"
+                                                      else "model.embed_tokens.weight")
+
+    groups: dict[int | None, list[str]] = {}
+    for name in weights.names:
+        m = _LAYER.match(name)
+        groups.setdefault(int(m.group(1)) if m else None, []).append(name)
+    for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
+        model.load_state_dict(_read_group(weights, names, layer, config, fmt, dtype, device),
+                              strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
+    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+
+
+def empty_model(config: YuanConfig) -> YuanForCausalLM:
+    """The model with its parameters on the meta device (no memory), ready to receive weights.
+    Buffers are built for real: those not saved with the weights keep their initial value."""
+    # Parameters are moved to meta as modules register them (their CPU allocation is never touched),
+    # and the nn.init functions are no-ops meanwhile: random init of weights about to be replaced is
+    # wasted work, and on meta tensors it imports torch's meta kernels (~3 s on first use).
+    inits = {name: fn for name, fn in vars(nn.init).items() if name.endswith("_") and not name.startswith("_")}
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    try:
+        for name in inits:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        nn.Module.register_parameter = register_on_meta
+        return YuanForCausalLM(config)
+    finally:
+        nn.Module.register_parameter = register
+        for name, fn in inits.items():
+            setattr(nn.init, name, fn)
+
+
+def _read_group(weights: "_WeightFiles", names: list[str], layer: int | None, config: YuanConfig, fmt: str,
+                dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """One group of tensors (the shared ones, or one layer) under native names, in the requested
+    dtype and on the requested device, none of them referring to the mapped files any more."""
+    with weights.read(names) as mapped:
+        mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+        # Cast before converting, so the conversion's copies (stacked experts...) are already in dtype.
+        tensors = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                   for k, t in mapped.items()}
+        if fmt == "official":
+            tensors = (official_shared_to_native(tensors, config) if layer is None
+                       else official_layer_to_native(tensors, config, layer))
+        return {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t
+                for k, t in tensors.items()}
+
+
+def _checkpoint_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if folder.is_file():  # config.json or a weight file: the folder around it is the checkpoint
+        folder = folder.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"no checkpoint at {folder}")
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder: it has no {CONFIG_FILE}")
+    return folder
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
+    return names[dtype]
+
+
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _check_names_and_shapes(weights: "_WeightFiles", expected: dict[str, tuple], optional: set[str],
+                            folder: Path) -> None:
+    have = set(weights.names)
+    missing = sorted(set(expected) - have - optional)
+    extra = sorted(have - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s) the model needs: {_listing(missing)}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensor(s): {_listing(extra)}")
+    if problems:
+        raise CheckpointError(f"checkpoint {folder} does not match its config: " + "; ".join(problems))
+    for name in weights.names:
+        if weights.shape_of(name) != expected[name]:
+            raise CheckpointError(f"tensor {name} in {folder} has shape {weights.shape_of(name)} but the "
+                                  f"config needs {expected[name]}")
+
+
+class _WeightFiles:
+    """The tensors of a checkpoint folder: names, shapes and dtypes from the file headers, data
+    read on demand through memory maps."""
+
+    def __init__(self, folder: Path):
+        found = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+        if found is None:
+            raise FileNotFoundError(f"{folder} has no weights ({', '.join(WEIGHT_FILES)})")
+        if found.name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(found.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{found} is not a valid index (a JSON object with a weight_map)") from None
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise CheckpointError(f"{found} names shard(s) that do not exist: {_listing(absent)}")
+        else:
+            files = [found]
+        self.safetensors = found.name.startswith("model.safetensors")
+        self.file_of: dict[str, Path] = {}
+        self._meta: dict[str, tuple[tuple, torch.dtype]] = {}
+        for file in files:
+            with self._open(file) as tensors:
+                for name in tensors.keys():
+                    if _IGNORED.match(name):
+                        continue
+                    if name in self.file_of:
+                        raise CheckpointError(f"tensor {name} appears in both {self.file_of[name].name} and {file.name}")
+                    self.file_of[name] = file
+                    self._meta[name] = tensors.shape_and_dtype(name)
+        self.names = list(self.file_of)
+
+    def shape_of(self, name: str) -> tuple:
+        return self._meta[name][0]
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return self._meta[name][1]
+
+    @contextmanager
+    def read(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named tensors as views of the mapped files; the maps close when the block ends."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        handles = [self._open(file) for file in by_file]
+        try:
+            for handle, file_names in zip(handles, by_file.values()):
+                for name in file_names:
+                    out[name] = handle.get_tensor(name)
+            yield out
+        finally:
+            out.clear()
+            for handle in handles:
+                handle.close()
+
+    def _open(self, file: Path) -> "_MappedFile":
+        return _SafetensorsFile(file) if self.safetensors else _TorchFile(file)
+
+
+class _MappedFile:
+    """One weight file, memory-mapped while open: keys(), shape_and_dtype(name), get_tensor(name)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _SafetensorsFile(_MappedFile):
+    def __init__(self, file: Path):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._f = safe_open(str(file), framework="pt", device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({exc})") from None
+        self.file = file
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple, torch.dtype]:
+        # get_slice reads only the header, not the data.
+        t = self._f.get_slice(name)
+        if t.get_dtype() not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name} in {self.file} has dtype {t.get_dtype()}, which this loader does not read")
+        return tuple(t.get_shape()), _SAFETENSORS_DTYPES[t.get_dtype()]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._f.get_tensor(name)
+
+    def close(self) -> None:
+        self._f = None
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _TorchFile(_MappedFile):
+    """A pytorch_model*.bin file, memory-mapped by torch.load (zip format, torch >= 1.6)."""
+
+    def __init__(self, file: Path):
+        import pickle
+        import zipfile
+
+        try:
+            self._tensors = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise CheckpointError(f"{file} is not a readable PyTorch weights file ({exc})") from None
+        if not isinstance(self._tensors, dict):
+            raise CheckpointError(f"{file} does not hold a dict of tensors")
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple, torch.dtype]:
+        t = self._tensors[name]
+        return tuple(t.shape), t.dtype
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}

@@ -1,0 +1,47 @@
+"""`yuan convert SRC OUT --to official|native`: rewrite a checkpoint folder in the other format."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, FORMATS, from_pretrained, save_pretrained
+
+
+def parse_size(text: str) -> int:
+    """"5GB", "500MB", "2GiB" or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"cannot read size {text!r}; write it like 5GB, 500MB or 1000000")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a checkpoint between the official and this project's format",
+                       description="Load SRC (official Yuan2-M32-hf or native folder) and write it to OUT in "
+                                   "the chosen format; tokenizer files are carried over.")
+    p.add_argument("src", help="checkpoint folder to read")
+    p.add_argument("out", help="folder to write (replaced if it is a checkpoint folder already)")
+    p.add_argument("--to", choices=FORMATS, required=True, help="format of OUT")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="cast the weights (default: keep the stored dtype, which makes the conversion exact)")
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
+                   help="largest weight file before sharding, e.g. 5GB (default 5GiB)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..tokenizer import load_tokenizer
+
+    model = from_pretrained(args.src, dtype=args.dtype)
+    try:
+        tokenizer = load_tokenizer(args.src)
+    except FileNotFoundError:
+        tokenizer = None
+    out = save_pretrained(model, args.out, tokenizer=tokenizer, fmt=args.to, max_shard_bytes=args.max_shard_size)
+    gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+    print(f"wrote {out} ({args.to} format, {gb:.3f} GB of {model.dtype} weights"
+          f"{', with tokenizer' if tokenizer else ''})")
+    return 0

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GOLDEN
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from yuanmoe.hf import YuanHFConfig, YuanHFForCausalLM  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return load_file(GOLDEN / "golden.safetensors")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return AutoModelForCausalLM.from_pretrained(GOLDEN)
+
+
+def test_auto_classes_load_official_folder(hf_model, golden):
+    assert isinstance(AutoConfig.from_pretrained(GOLDEN), YuanHFConfig)
+    assert isinstance(hf_model, YuanHFForCausalLM) and not hf_model.training
+    with torch.inference_mode():
+        logits = hf_model(golden["input_ids"]).logits
+    assert (logits - golden["logits"]).abs().max() < 1e-4
+
+
+def test_generate_gives_the_projects_greedy_tokens(hf_model, golden):
+    prompt = golden["gen_prompt"]
+    out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(out, hf_model.model.generate(prompt, max_new_tokens=20))
+    assert torch.equal(out[:, prompt.shape[1]:], golden["gen_tokens"])
+
+
+@pytest.fixture(scope="module")
+def random_hf_model(tmp_path_factory):
+    """A tiny random model with large enough weights that its outputs depend on every input
+    token (the golden model's greedy output repeats the last token whatever the context)."""
+    from yuanmoe import YuanForCausalLM, preset, save_pretrained
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("random-official")
+    save_pretrained(YuanForCausalLM(preset("tiny", initializer_range=0.2)), folder, fmt="official")
+    return AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_generate_with_left_padding_matches_unpadded_rows(random_hf_model):
+    model = random_hf_model
+    long, short = torch.randint(0, 500, (12,)), torch.randint(0, 500, (7,))
+    pad = model.config.pad_token_id
+    batch = torch.stack([long, torch.cat([torch.full((5,), pad), short])])
+    mask = torch.ones_like(batch)
+    mask[1, :5] = 0
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad)
+    for row, prompt in zip(out, (long, short)):
+        assert torch.equal(row[-6:], model.model.generate(prompt[None], max_new_tokens=6)[0, -6:])
+
+
+def test_save_pretrained_writes_an_official_folder_auto_classes_reload(random_hf_model, tmp_path):
+    random_hf_model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert '"model_type": "yuan"' in (tmp_path / "saved" / "config.json").read_text()
+    for a, b in zip(random_hf_model.model.state_dict().values(), reloaded.model.state_dict().values()):
+        assert torch.equal(a, b)
