@@ -1,30 +1,145 @@
-"""Cached autoregressive decoding: prefill the prompt once, then one token per step."""
+"""Cached autoregressive decoding of a batch of prompts of different lengths.
+
+The prompts are left-padded and prefilled in one forward: each pad gets position 0 (a document of
+its own) and each prompt positions 0..n-1, so the model keeps pads out of attention and out of the
+LFA filter. Then one token per step goes through the preallocated cache; a sequence that finishes
+is dropped from the batch (`DecodeCache.reorder`), so the others never wait on dead rows.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from ..model import DecodeCache
+from .sampling import BatchSampler, SamplingParams
 
-@torch.inference_mode()
-def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-             temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Returns [batch, prompt + max_new_tokens]: the prompts followed by their continuations."""
-    batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
-    if total > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt_len}) plus {max_new_tokens} new tokens exceeds the model's context "
-                         f"({model.config.max_position_embeddings})")
-    cache = model.new_cache(batch, total)
-    out = torch.empty(batch, total, dtype=torch.long, device=input_ids.device)
-    out[:, :prompt_len] = input_ids
-    logits = model(input_ids, cache=cache).logits[:, -1]
-    for t in range(prompt_len, total):
-        if do_sample:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        else:
-            nxt = logits.argmax(dim=-1)
-        out[:, t] = nxt
-        if t + 1 < total:
-            logits = model(nxt.unsqueeze(1), cache=cache).logits[:, -1]
-    return out
+
+class BatchDecoder:
+    """Decodes sequences together, one token per running sequence per `step()`.
+
+    A sequence stops at a stop token (reason "stop"), after its max_new_tokens or at the end of the
+    model's context ("length"), or when the caller ends it with `finish()` (a stop string, a client
+    that went away). Finished sequences leave the batch before the next forward.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 stop_token_ids: tuple[int, ...] | None = None):
+        if not prompts:
+            raise ValueError("no prompts to decode")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        config = model.config
+        context = config.max_position_embeddings
+        for ids in prompts:
+            check_prompt_length(len(ids), context)
+        self.model = model
+        self.stop_token_ids = (set(stop_token_ids) if stop_token_ids is not None
+                               else {config.eod_token_id})
+        self.budgets = [min(p.max_new_tokens, context - len(ids)) for p, ids in zip(params, prompts)]
+        self.generated: list[list[int]] = [[] for _ in prompts]
+        self.finish_reasons: list[str | None] = [None] * len(prompts)
+        self.rows = list(range(len(prompts)))  # the sequence held in each cache row
+        device = model.device
+        self.sampler = BatchSampler(params, prompts, config.vocab_size, device)
+
+        width = max(len(ids) for ids in prompts)
+        slots = width + max(self.budgets)
+        # Slots count left padding too, so a batch may need more slots than the context has positions;
+        # the positions themselves stay within the context (checked above), so size the cache by slots.
+        cache_config = config if slots <= context else config.replace(max_position_embeddings=slots)
+        self.cache = DecodeCache(cache_config, len(prompts), slots, model.dtype, device)
+        input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
+        positions = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            positions[row, width - len(ids):] = torch.arange(len(ids))
+        with torch.inference_mode():
+            self._logits = model(input_ids.to(device), position_ids=positions.to(device),
+                                 cache=self.cache).logits[:, -1]
+        self._last_tokens: list[int] | None = None
+
+    @property
+    def done(self) -> bool:
+        return all(reason is not None for reason in self.finish_reasons)
+
+    def finish(self, seq: int, reason: str = "stop") -> None:
+        """End sequence `seq` now; its row leaves the batch before the next forward."""
+        if self.finish_reasons[seq] is None:
+            self.finish_reasons[seq] = reason
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, int]]:
+        """Choose the next token of every running sequence; returns (sequence, token) pairs."""
+        self._drop_finished()
+        if not self.rows:
+            return []
+        if self._last_tokens is not None:
+            ids = torch.tensor(self._last_tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
+            self._logits = self.model(ids, cache=self.cache).logits[:, -1]
+        tokens = self.sampler(self._logits).tolist()
+        for seq, token in zip(self.rows, tokens):
+            self.generated[seq].append(token)
+            if token in self.stop_token_ids:
+                self.finish(seq, "stop")
+            elif len(self.generated[seq]) >= self.budgets[seq]:
+                self.finish(seq, "length")
+        self._last_tokens = tokens
+        return list(zip(self.rows, tokens))
+
+    def _drop_finished(self) -> None:
+        keep = [i for i, seq in enumerate(self.rows) if self.finish_reasons[seq] is None]
+        if len(keep) == len(self.rows):
+            return
+        index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.sampler.keep(index)
+        self._logits = self._logits[index]
+        if self._last_tokens is not None:
+            self._last_tokens = [self._last_tokens[i] for i in keep]
+        if keep:
+            self.cache.reorder(index)
+
+
+def check_prompt_length(num_tokens: int, context: int) -> None:
+    if num_tokens == 0:
+        raise ValueError("the prompt is empty; give at least one token")
+    if num_tokens >= context:
+        raise ValueError(f"the prompt has {num_tokens} tokens but the model's context is {context}; "
+                         f"shorten it to at most {context - 1} tokens to leave room for an answer")
+
+
+def decode_tokens(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                  stop_token_ids: tuple[int, ...] | None = None) -> tuple[list[list[int]], list[str]]:
+    """Run a batch to the end: the generated ids of each prompt (stop token included) and why it ended."""
+    decoder = BatchDecoder(model, prompts, params, stop_token_ids)
+    while not decoder.done:
+        decoder.step()
+    return decoder.generated, decoder.finish_reasons
+
+
+def generate(model, input_ids: torch.Tensor | list[list[int]], max_new_tokens: int = 32,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             repetition_penalty: float = 1.0, seed: int | None = None,
+             stop_token_ids: tuple[int, ...] | None = None) -> torch.Tensor | list[list[int]]:
+    """Prompts followed by their continuations, stopping at `<eod>` (or `stop_token_ids`).
+
+    A tensor [batch, prompt] gives a tensor [batch, prompt + longest continuation], shorter ones
+    padded with the pad token; a list of prompts of any lengths gives a list of full sequences.
+    """
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if do_sample else 0.0,
+                            top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        generated, _ = decode_tokens(model, input_ids.tolist(), params, stop_token_ids)
+        longest = max(len(g) for g in generated)
+        out = torch.full((input_ids.shape[0], input_ids.shape[1] + longest), model.config.pad_token_id,
+                         dtype=torch.long, device=input_ids.device)
+        out[:, : input_ids.shape[1]] = input_ids
+        for row, ids in enumerate(generated):
+            out[row, input_ids.shape[1]: input_ids.shape[1] + len(ids)] = torch.tensor(ids)
+        return out
+    generated, _ = decode_tokens(model, [list(p) for p in input_ids], params, stop_token_ids)
+    return [list(p) + g for p, g in zip(input_ids, generated)]

@@ -1,0 +1,144 @@
+"""`yuan generate`, `yuan chat` and `yuan serve`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .sampling import SamplingParams
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("checkpoint", help="a checkpoint folder (native or official) with its tokenizer")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weight dtype (default: as stored); bfloat16 halves the memory")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="int8 weight-only quantization (bf16 activations): the fastest CPU decoding")
+
+
+def _add_sampling_args(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (the default) decodes greedily")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer at this text")
+
+
+def register(sub) -> None:
+    g = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
+    _add_model_args(g)
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--chat", action="store_true", help="treat the prompt as a chat question (adds <sep>)")
+    _add_sampling_args(g, max_new_tokens=128)
+    g.set_defaults(func=run_generate)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (/reset clears the history, /exit quits)")
+    _add_model_args(c)
+    _add_sampling_args(c, max_new_tokens=512)
+    c.set_defaults(func=run_chat)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="the model id clients ask for (default: the checkpoint folder name)")
+    s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    s.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask (default: context)")
+    s.set_defaults(func=run_serve)
+
+
+def load(args):
+    """The model and its tokenizer, checked against each other."""
+    from ..checkpoint import from_pretrained
+    from ..tokenizer import load_tokenizer
+
+    model = from_pretrained(args.checkpoint, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.checkpoint)
+    config = model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer in {args.checkpoint} has {tokenizer.vocab_size} tokens but the model "
+                         f"only {config.vocab_size}; the checkpoint holds the wrong tokenizer")
+    if tokenizer.eod_id != config.eod_token_id:
+        raise ValueError(f"the tokenizer's <eod> is id {tokenizer.eod_id} but the model's is "
+                         f"{config.eod_token_id}; the checkpoint holds the wrong tokenizer")
+    if args.quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
+    return model, tokenizer
+
+
+def _params(args) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def run_generate(args) -> int:
+    from .engine import stream
+
+    params = _params(args)
+    model, tokenizer = load(args)
+    for piece in stream(model, tokenizer, args.prompt, params, chat=args.chat):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def run_chat(args) -> int:
+    from .engine import Request, encode_prompt, run_requests
+
+    params = _params(args)
+    model, tokenizer = load(args)
+    context = model.config.max_position_embeddings
+    print("chat with the model; /reset clears the history, /exit quits", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line == "/exit":
+            return 0
+        if line == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = encode_prompt(tokenizer, history, chat=True)
+        while len(ids) >= context and len(history) > 1:
+            history = history[2:]  # forget the oldest question and its answer
+            ids = encode_prompt(tokenizer, history, chat=True)
+        if len(ids) >= context:
+            print(f"(that message is {len(ids)} tokens; the model's context is {context})", file=sys.stderr)
+            history = []
+            continue
+        request = Request(ids, params, chat=True)
+        sys.stdout.write("yuan> ")
+        try:
+            for event in run_requests(model, tokenizer, [request]):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:  # stop this answer, keep the chat
+            request.finish_reason = "cancelled"
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": request.text})
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from ..serving import create_app
+
+    model, tokenizer = load(args)
+    name = args.model_name or Path(args.checkpoint).resolve().name
+    app = create_app(model, tokenizer, name, max_tokens_cap=args.max_tokens_cap,
+                     max_batch_size=args.max_batch_size)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0

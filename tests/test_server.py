@@ -1,0 +1,149 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over a real localhost socket."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from test_generation import _one_thread, bpe, model  # noqa: F401  (shared fixtures)
+
+MODEL_NAME = "tiny-test"
+CAP = 400
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dir(tmp_path_factory, model, bpe):  # noqa: F811
+    """A checkpoint folder with its tokenizer."""
+    from yuanmoe import save_pretrained
+
+    return save_pretrained(model, tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer=bpe)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoint_dir):
+    """The model and tokenizer loaded back the way the commands load them."""
+    from argparse import Namespace
+
+    from yuanmoe.inference.commands import load
+
+    return load(Namespace(checkpoint=str(checkpoint_dir), dtype=None, quantize=None))
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    from yuanmoe.serving import create_app
+
+    model, tokenizer = checkpoint
+    app = create_app(model, tokenizer, MODEL_NAME, max_tokens_cap=CAP, max_batch_size=4)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+
+
+def test_chat_plain_and_streamed_give_the_same_answer(client, bpe):  # noqa: F811
+    messages = [{"role": "user", "content": "Who goes there?\nSpeak."}]
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20, temperature=0)
+    answer = plain.choices[0].message.content
+    assert plain.choices[0].finish_reason in ("stop", "length") and answer
+    assert plain.usage.prompt_tokens == len(bpe.encode("Who goes there?<n>Speak.<sep>"))
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, max_tokens=20,
+                                                 temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == plain.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+
+
+def test_completion_returns_text_and_usage(client, checkpoint):
+    from yuanmoe.inference import SamplingParams, complete
+
+    prompt = "KING RICHARD:\nNow is the winter"
+    reply = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
+    expected = complete(*checkpoint, [prompt], SamplingParams(max_new_tokens=12, temperature=0))[0]
+    assert reply.choices[0].text == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.prompt_tokens == len(expected.prompt_ids)
+    assert reply.usage.completion_tokens == len(expected.output_ids)
+
+
+def test_invalid_requests_get_clear_4xx_errors(client, server):
+    with pytest.raises(openai.NotFoundError, match="the model 'gpt-4' does not exist"):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match=f"max_tokens is {CAP + 1} but this server allows at most {CAP}"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=CAP + 1)
+    with pytest.raises(openai.BadRequestError, match="the model's context is 512"):
+        client.completions.create(model=MODEL_NAME, prompt="to be or not " * 400, max_tokens=4)
+    bad_json = httpx.post(server + "/v1/chat/completions", content=b"{not json",
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
+    missing = httpx.post(server + "/v1/completions", json={"model": MODEL_NAME})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "prompt"
+
+
+def test_concurrent_requests_are_batched_and_match_the_same_requests_one_at_a_time(client, server):
+    prompts = ["To be", "First Citizen:", "O Romeo, Romeo", "Now is the", "A horse!", "Friends, Romans"]
+
+    def ask(prompt):
+        reply = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=10, temperature=0)
+        return reply.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == [ask(p) for p in prompts]
+    batch_sizes = httpx.get(server + "/health").json()["batch_sizes"]
+    assert max(int(size) for size in batch_sizes) > 1
+
+
+def test_client_disconnect_stops_its_generation(server):
+    before = httpx.get(server + "/health").json()["finished_requests"].get("cancelled", 0)
+    body = {"model": MODEL_NAME, "prompt": "To be", "max_tokens": CAP, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server + "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        next(response.iter_lines())
+    deadline = time.monotonic() + 10
+    while httpx.get(server + "/health").json()["finished_requests"].get("cancelled", 0) == before:
+        assert time.monotonic() < deadline, "the disconnected request kept running"
+        time.sleep(0.05)
+
+
+def test_generate_command_prints_the_completion_or_a_clear_error(checkpoint_dir, checkpoint, capsys):
+    from yuanmoe.cli import main
+    from yuanmoe.inference import SamplingParams, complete
+
+    assert main(["generate", str(checkpoint_dir), "To be", "--max-new-tokens", "8"]) == 0
+    expected = complete(*checkpoint, ["To be"], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", str(checkpoint_dir), "to be or not " * 400]) == 2
+    assert "error: the prompt has" in capsys.readouterr().err
