@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/yuan info --preset yuan2-m32
+	$(PY) -m yuanmoe.training.demo --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,0 +1,134 @@
+"""Reading training inputs: plain text, code, JSONL/JSON records and Alpaca instruction sets.
+
+A document is either plain text or a (prompt, answer) pair; pairs are tokenized as
+prompt `<sep>` answer so supervised fine-tuning can train on the answer only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Union
+
+RECORD_SUFFIXES = (".json", ".jsonl")
+# Files taken from a folder: prose, code and records; anything else there (binaries, caches) is skipped.
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js",
+                 ".ts", ".go", ".rs", ".sh", ".html", ".css", ".tex", ".toml", ".yaml", ".yml")
+# Plain text longer than this is cut at a line break into several documents, so that one big
+# file (a novel, a dump) still gives a held-out split and windows do not all come from one place.
+MAX_DOC_CHARS = 50_000
+
+Document = Union[str, tuple[str, str]]
+
+
+@dataclass
+class Source:
+    """One named input of a blend: files (or folders) and the share of training samples it gets."""
+
+    paths: list[Path]
+    weight: float = 1.0
+    name: str = ""
+    files: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.weight <= 0:
+            raise ValueError(f"the weight of input {self.name or self.paths[0]} must be positive, got {self.weight}")
+        self.files = list_files(self.paths)
+        if not self.name:
+            self.name = Path(self.paths[0]).stem or "input"
+
+    def documents(self) -> Iterator[Document]:
+        for path in self.files:
+            yield from read_documents(path)
+
+
+def parse_input(spec: str) -> Source:
+    """`PATH` or `PATH:WEIGHT` (the Megatron-style blend weight of that input)."""
+    path, sep, weight = spec.rpartition(":")
+    if sep:
+        try:
+            return Source([Path(path)], float(weight))
+        except ValueError:
+            pass
+    return Source([Path(spec)])
+
+
+def list_files(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES + RECORD_SUFFIXES
+                           and not any(part.startswith(".") or part == "__pycache__"
+                                       for part in p.relative_to(path).parts))
+            if not found:
+                raise ValueError(f"folder {path} holds no text, code, JSON or JSONL files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"input {path} does not exist")
+    return files
+
+
+def read_documents(path: Path) -> Iterator[Document]:
+    if path.suffix.lower() in RECORD_SUFFIXES:
+        yield from read_records(path)
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    yield from split_long_text(text)
+
+
+def split_long_text(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
+    while len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars) + 1 or max_chars
+        yield text[:cut]
+        text = text[cut:]
+    if text.strip():
+        yield text
+
+
+def read_records(path: Path) -> Iterator[Document]:
+    """A JSON array or JSONL lines of records with `text`, or `instruction` [+ `input`] + `output`."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1)
+        while head.isspace():
+            head = f.read(1)
+        f.seek(0)
+        if head == "[":
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            for i, record in enumerate(records):
+                yield record_document(record, path, i + 1)
+        else:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path} line {lineno} is not valid JSON ({exc.msg})") from None
+                yield record_document(record, path, lineno)
+
+
+def record_document(record, path: Path, where: int) -> Document:
+    if isinstance(record, dict):
+        if isinstance(record.get("text"), str):
+            return record["text"]
+        if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
+            prompt = record["instruction"]
+            if record.get("input"):
+                prompt += "\n" + str(record["input"])
+            return prompt, record["output"]
+    raise ValueError(f"{path} record {where} has neither a 'text' field nor 'instruction' and 'output' fields")
+
+
+def document_text(doc: Document) -> str:
+    """The text of a document as the tokenizer trainer sees it."""
+    return doc if isinstance(doc, str) else doc[0] + "\n" + doc[1]

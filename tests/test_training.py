@@ -1,0 +1,185 @@
+"""The trainer: learning, the official schedule and weight decay, exact resume, clean stops, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+
+from conftest import CORPUS, TOKENIZER_DIR
+from yuanmoe import preset
+from yuanmoe.checkpoint import from_pretrained
+from yuanmoe.cli import main as cli_main
+from yuanmoe.data import prepare_dataset
+from yuanmoe.training import TrainConfig, TrainingError, build_optimizer, learning_rate, train
+from yuanmoe.training import trainer as trainer_module
+from yuanmoe.training.trainer import config_for_data
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    text = (CORPUS / "tinyshakespeare.txt").read_text()[:6000]
+    for i in range(6):
+        (root / f"part{i}.txt").write_text(text[i * 1000: (i + 1) * 1000])
+    prepare_dataset([str(root)], root / "data", train_tokenizer_vocab=320, heldout_fraction=0.2, workers=1,
+                    progress=False)
+    return root / "data"
+
+
+def tiny(data_dir, **overrides):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return config_for_data(preset("tiny", max_position_embeddings=64), meta).replace(**overrides)
+
+
+def run_config(data_dir, out, **overrides):
+    settings = dict(max_steps=6, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=3, save_every=3,
+                    keep_last=5, bf16=False, tensorboard=False, progress=False)
+    return TrainConfig(data=str(data_dir), out=str(out), **{**settings, **overrides})
+
+
+def test_tiny_model_overfits_a_short_text(tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text((CORPUS / "tinyshakespeare.txt").read_text()[:700])
+    prepare_dataset([str(text)], tmp_path / "data", train_tokenizer_vocab=300, heldout_fraction=0, workers=1,
+                    progress=False)
+    cfg = run_config(tmp_path / "data", tmp_path / "run", max_steps=120, lr=3e-3, warmup_steps=4, save_every=120,
+                     eval_every=120, grad_accum=2)
+    result = train(tiny(tmp_path / "data"), cfg)
+    first, last = result.losses[1], sum(result.losses[s] for s in range(116, 121)) / 5
+    assert first > 5.0 and last < 2.5, (first, last)
+    tmp_path = tmp_path / "run"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    step_record = records[0]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "expert_load"} <= set(step_record)
+    assert len(step_record["expert_load"]) == 2 and math.isclose(sum(step_record["expert_load"][0]), 1, abs_tol=1e-3)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+
+
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    full = train(tiny(data_dir), run_config(data_dir, tmp_path / "full", grad_accum=2, fim_rate=0.5))
+    # The same run, stopped by a SIGTERM during step 3 (it saves a checkpoint and returns), then resumed.
+    interrupted = tmp_path / "interrupted"
+    original_step = trainer_module.train_step
+    calls = []
+
+    def train_step_then_sigterm(*args):
+        calls.append(1)
+        out = original_step(*args)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    trainer_module.train_step = train_step_then_sigterm
+    try:
+        stopped = train(tiny(data_dir), run_config(data_dir, interrupted, grad_accum=2, fim_rate=0.5))
+    finally:
+        trainer_module.train_step = original_step
+    assert stopped.interrupted and stopped.step == 3 and stopped.checkpoint.name == "step-0000003"
+    resumed = train(None, run_config(data_dir, interrupted, grad_accum=2, fim_rate=0.5), resume=True)
+    assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]
+    assert resumed.eval_loss == full.eval_loss
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(4) == 1, "records after the checkpoint are not duplicated"
+
+
+def test_checkpoints_are_self_contained_and_only_the_last_k_kept(data_dir, tmp_path):
+    result = train(tiny(data_dir), run_config(data_dir, tmp_path, max_steps=4, save_every=1, keep_last=2))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert kept == ["step-0000003", "step-0000004"]
+    model = from_pretrained(result.checkpoint)
+    assert (result.checkpoint / "tokenizer.json").is_file()
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4).shape[1] <= 7
+    # A new run started from the checkpoint's weights (fine-tuning), with a zero learning rate, keeps them.
+    tuned = train(None, run_config(data_dir, tmp_path / "tuned", max_steps=1, lr=0.0,
+                                   init_from=str(result.checkpoint)))
+    tuned_state = from_pretrained(tuned.checkpoint).state_dict()
+    assert all(torch.equal(tuned_state[k], v) for k, v in model.state_dict().items())
+
+
+def test_schedule_warms_up_then_decays_by_cosine_to_a_tenth():
+    lrs = [learning_rate(s, 1e-3, warmup_steps=10, decay_steps=110, min_ratio=0.1) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[60] == pytest.approx(0.55e-3) and lrs[110] == lrs[119] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from yuanmoe import YuanForCausalLM
+
+    model = YuanForCausalLM(preset("tiny"))
+    decay, no_decay = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in model.named_parameters()
+                                                         if n.endswith(("norm.weight", ".bias"))}
+    assert any(".experts." in names[id(p)] for p in decay["params"])
+
+
+def test_diverging_loss_stops_and_names_the_step(data_dir, tmp_path):
+    with pytest.raises(TrainingError, match=r"at step \d+"):
+        train(tiny(data_dir), run_config(data_dir, tmp_path, lr=1e6, warmup_steps=1, max_steps=20, bf16=False))
+
+
+def test_bad_runs_fail_with_one_clear_sentence(data_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="vocabulary of 320 tokens but the model has 256"):
+        train(tiny(data_dir, vocab_size=256), run_config(data_dir, tmp_path))
+    with pytest.raises(FileNotFoundError, match="no checkpoint to continue"):
+        train(None, run_config(data_dir, tmp_path), resume=True)
+    train(tiny(data_dir), run_config(data_dir, tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tiny(data_dir), run_config(data_dir, tmp_path))
+    with pytest.raises(TrainingError, match="another architecture: num_layers"):
+        train(tiny(data_dir, num_layers=3), run_config(data_dir, tmp_path), resume=True)
+    official = tmp_path / "official-data"
+    (official / "in.txt").parent.mkdir()
+    (official / "in.txt").write_text("一段中文文本。\n" * 20)
+    assert cli_main(["data", "prepare", str(official / "in.txt"), "--out", str(official / "d"),
+                     "--tokenizer", str(TOKENIZER_DIR), "--workers", "1"]) == 0
+    code = cli_main(["train", "--config", str(tmp_path / "checkpoints" / "step-0000001"), "--data",
+                     str(official / "d"), "--out", str(tmp_path / "other")])
+    assert code == 2 and "tokenized with a vocabulary of" in capsys.readouterr().err
+
+
+def test_time_limit_stops_early_with_an_evaluated_checkpoint(data_dir, tmp_path):
+    result = train(tiny(data_dir), run_config(data_dir, tmp_path, max_steps=50, time_limit_s=0.0))
+    assert result.step == 1 and not result.interrupted
+    assert result.checkpoint.name == "step-0000001" and result.eval_loss is not None
+
+
+def test_activation_checkpointing_gives_the_same_losses(data_dir, tmp_path):
+    plain = train(tiny(data_dir), run_config(data_dir, tmp_path / "plain", max_steps=2))
+    recomputed = train(tiny(data_dir), run_config(data_dir, tmp_path / "ckpt", max_steps=2,
+                                                  activation_checkpointing=True))
+    assert recomputed.losses == plain.losses
+    assert recomputed.checkpoint.joinpath("model.safetensors").is_file()
+
+
+def test_train_command_writes_checkpoint_metrics_and_tensorboard(data_dir, tmp_path, capsys):
+    code = cli_main(["train", "--preset", "tiny", "--set", "max_position_embeddings=64", "--data", str(data_dir),
+                     "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32",
+                     "--grad-accum", "2", "--warmup-steps", "1"])
+    assert code == 0 and "held-out loss" in capsys.readouterr().out
+    assert from_pretrained(tmp_path / "checkpoints" / "step-0000002").config.num_layers == 2
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+
+
+def test_aux_loss_free_bias_is_updated_by_the_trainer(data_dir, tmp_path):
+    result = train(tiny(data_dir, bias_update_rate=0.01), run_config(data_dir, tmp_path / "run", max_steps=3))
+    model = from_pretrained(result.checkpoint)
+    biases = torch.stack([layer.mlp.router.expert_bias for layer in model.layers])
+    # Each step moves a bias by at most the rate, towards the mean load.
+    assert 0.0 < biases.abs().max().item() <= 0.03 + 1e-6
