@@ -1,0 +1,179 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards,
+in parallel, under the single-device parameter names and global shapes, so a checkpoint saved with
+one parallel layout loads into any other (or into a plain model in one process), and exports to a
+single-file native or official checkpoint.
+
+Folder layout: DCP's `.metadata` and `__<rank>_0.distcp` shards, `config.json` (YuanConfig) and
+`trainer_state.json` (whatever the caller passed as `extra`). Written under a temporary name and
+renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from ..config import YuanConfig
+from ..model import YuanForCausalLM
+from ..utils import atomic_write_text
+from .parallel_model import ParallelModel, _unwrap
+
+CONFIG_FILE = "config.json"
+EXTRA_FILE = "trainer_state.json"
+
+
+def _model_and_config(model: ParallelModel | nn.Module) -> tuple[nn.Module, YuanConfig]:
+    if isinstance(model, ParallelModel):
+        return _unwrap(model.module), model.config
+    return model, model.config
+
+
+def _checkpoint_key(name: str, module: nn.Module, config: YuanConfig) -> str | None:
+    """The name a tensor is stored under: its single-device name, except that a tied lm_head is
+    stored once, as the embedding (a last pipeline stage holds it without the embedding)."""
+    if config.tie_word_embeddings and name == "lm_head.weight":
+        return "embed_tokens.weight" if getattr(module, "embed_tokens", None) is None else None
+    return name
+
+
+def _global_view(model: ParallelModel | nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (a parameter or optimizer state of parameter `name`) as DCP should see it: FSDP
+    shards are DTensors already; an expert slice becomes a DTensor of the global [E, ...] tensor
+    (split over ep on dim 0, and over dp_rep on dim 1 when FSDP shards it); replicated tensors stay
+    plain and are written once. Views share storage, so loading into them loads the model."""
+    if not isinstance(model, ParallelModel) or name not in model.expert_fqns:
+        return tensor.detach()
+    fsdp_sharded = isinstance(tensor, DTensor)
+    local = tensor.to_local() if fsdp_sharded else tensor.detach()
+    shape = list(tensor.shape)
+    shape[0] *= model.dims.ep
+    stride = torch.empty(shape, device="meta").stride()
+    placements = (Shard(1) if fsdp_sharded else Replicate(), Shard(0))
+    return DTensor.from_local(local, model.mesh["dp_rep", "ep"], placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)
+
+
+def _model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor]:
+    module, config = _model_and_config(model)
+    state = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        key = _checkpoint_key(name, module, config)
+        if key is not None:
+            state[key] = _global_view(model, name, tensor)
+    return state
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's state tensors (so DCP can load into them) with a step of learning rate
+    zero on zero gradients, which leaves the weights as they are."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(optimizer.state.get(p) for p in params):
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+
+
+def _optimizer_state(model: ParallelModel | nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Per parameter name, its optimizer state tensors, laid out like the parameter."""
+    module, config = _model_and_config(model)
+    state = {}
+    for name, p in module.named_parameters():
+        key = _checkpoint_key(name, module, config)
+        if key is None or p not in optimizer.state:
+            continue
+        state[key] = {k: _global_view(model, name, v) if isinstance(v, torch.Tensor) and v.shape == p.shape
+                      else v for k, v in optimizer.state[p].items()}
+    return state
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dcp(operation, state: dict, path: Path, single_process: bool) -> None:
+    """dcp.save or dcp.load, in one process when asked (DCP warns about that; it is intended here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        operation(state, checkpoint_id=path, no_dist=single_process)
+
+
+def save_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+    """Save the model (and optimizer state) from every rank; all ranks must call it. `extra` is a
+    JSON-able dict (step, data position...) returned by `load_checkpoint`."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp"
+    leader = not _distributed() or dist.get_rank() == 0
+    if leader:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if _distributed():
+        dist.barrier()
+    state = {"model": _model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_state(model, optimizer)
+    _dcp(dcp.save, state, tmp, single_process=not _distributed())
+    if leader:
+        _, config = _model_and_config(model)
+        config.to_json(tmp / CONFIG_FILE)
+        atomic_write_text(tmp / EXTRA_FILE, json.dumps(extra or {}, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    if _distributed():
+        dist.barrier()
+    return path
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / ".metadata").is_file() or not (path / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a distributed checkpoint (no .metadata or config.json); "
+                                f"give a checkpoints/step-N folder of a distributed run")
+
+
+def load_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Load a checkpoint saved at any world size and layout into `model` (parallelized or plain) and
+    `optimizer`, in place; all ranks must call it. Returns the `extra` dict it was saved with."""
+    path = Path(path)
+    _check_folder(path)
+    _, config = _model_and_config(model)
+    saved = YuanConfig.from_json(path / CONFIG_FILE)
+    if saved.to_dict() != config.to_dict():
+        differ = [k for k, v in saved.to_dict().items() if getattr(config, k) != v]
+        raise ValueError(f"checkpoint {path} was saved for another model configuration "
+                         f"(different {', '.join(differ)})")
+    state = {"model": _model_state(model)}
+    if optimizer is not None:
+        _init_optimizer_state(optimizer)
+        state["optimizer"] = _optimizer_state(model, optimizer)
+    _dcp(dcp.load, state, path, single_process=not _distributed())
+    return json.loads((path / EXTRA_FILE).read_text())
+
+
+def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "native", tokenizer=None) -> Path:
+    """Gather a distributed checkpoint into one model in this process and write it as a
+    `save_pretrained` folder (native or official format), for inference and sharing."""
+    from ..checkpoint import save_pretrained
+
+    path = Path(path)
+    _check_folder(path)
+    model = YuanForCausalLM(YuanConfig.from_json(path / CONFIG_FILE))
+    _dcp(dcp.load, {"model": _model_state(model)}, path, single_process=True)
+    return save_pretrained(model, out, tokenizer=tokenizer, fmt=fmt)
