@@ -11,6 +11,10 @@ TOKENIZER_DIR = SHARED / "yuan" / "tokenizer"
 DATASETS = SHARED / "yuan" / "datasets"
 CORPUS = SHARED / "corpus"
 
+# Tests run tiny models, for which extra threads only add OpenMP overhead; on a shared 2-core
+# machine they also oversubscribe the cores, slowing small ops by orders of magnitude.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

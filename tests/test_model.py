@@ -240,3 +240,11 @@ def test_yuan_info_reports_the_paper_sizes():
 def test_grouped_experts_hold_stacked_weights():
     experts = GroupedExperts(4, 8, 6)
     assert experts.w1.shape == (4, 12, 8) and experts.w2.shape == (4, 8, 6)
+
+
+def test_experts_run_in_the_autocast_dtype():
+    moe = tiny_model().layers[0].mlp
+    x = torch.randn(20, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe.experts(x, torch.tensor([5, 0, 5, 0, 5, 0, 5, 0]))
+    assert out.dtype == torch.bfloat16

@@ -2,6 +2,9 @@
 
 from .config import ConfigError, YuanConfig, preset
 from .model import CausalLMOutput, DecodeCache, YuanForCausalLM
+from .checkpoint import from_pretrained, save_pretrained
+from .tokenizer import BPETokenizer, YuanTokenizer, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["CausalLMOutput", "ConfigError", "DecodeCache", "YuanConfig", "YuanForCausalLM", "preset"]
+__all__ = ["BPETokenizer", "CausalLMOutput", "ConfigError", "DecodeCache", "YuanConfig", "YuanForCausalLM",
+           "YuanTokenizer", "from_pretrained", "load_tokenizer", "preset", "save_pretrained"]

@@ -12,6 +12,12 @@ from .convert import CheckpointError
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func` default.
 COMMAND_MODULES = [
     "yuanmoe.info",
+    "yuanmoe.convert.cli",
+    "yuanmoe.training.commands",
+    "yuanmoe.distributed.commands",
+    "yuanmoe.evaluation.cli",
+    "yuanmoe.inference.commands",
+    "yuanmoe.experiments",
 ]
 
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROUTERS = ("attention", "linear")
+ROUTERS = ("attention", "linear", "noisy_topk", "expert_choice")
 
 
 class ConfigError(ValueError):
@@ -87,6 +87,9 @@ class YuanConfig:
                  f"top_k ({self.top_k}) must be between 1 and num_experts ({self.num_experts})")
             need(0 <= self.num_shared_experts, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
             need(self.capacity_factor > 0, f"capacity_factor must be positive, got {self.capacity_factor}")
+            need(self.router_noise_std >= 0, f"router_noise_std must be >= 0, got {self.router_noise_std}")
+            need(not (self.router == "expert_choice" and self.bias_update_rate > 0),
+                 "expert_choice balances loads by construction; set bias_update_rate to 0")
         for name in ("eod_token_id", "sep_token_id", "pad_token_id"):
             tid = getattr(self, name)
             need(0 <= tid < self.vocab_size, f"{name} ({tid}) is outside the vocabulary (size {self.vocab_size})")

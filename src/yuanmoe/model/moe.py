@@ -61,9 +61,13 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_hidden_size))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        h = grouped_matmul(x, self.w1, counts)
-        a, b = h.chunk(2, dim=-1)
-        return grouped_matmul(F.silu(a) * b, self.w2, counts)
+        w1, w2 = self.w1, self.w2
+        if torch.is_autocast_enabled(x.device.type):
+            # torch._grouped_mm is not on autocast's cast lists: cast as autocast does for matmuls.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        a, b = grouped_matmul(x, w1, counts).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(a) * b, w2, counts)
 
 
 class FeedForward(nn.Module):

@@ -4,19 +4,35 @@ from __future__ import annotations
 
 from ..config import YuanConfig
 from .attention_router import AttentionRouter
+from .balancing import load_balancing_loss, router_z_loss, update_expert_bias
 from .base import Router, RouterOutput
+from .expert_choice import ExpertChoiceOutput, ExpertChoiceRouter
 from .linear_router import LinearRouter
+from .noisy_topk import NoisyTopKRouter
+from .shared import shared_expert_config
+from .stats import coselection_matrix, layer_stats, routing_stats
 
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "attention": AttentionRouter,
     "linear": LinearRouter,
+    "noisy_topk": NoisyTopKRouter,
+    "expert_choice": ExpertChoiceRouter,
 }
 
 
 def build_router(config: YuanConfig) -> Router:
     if config.router not in ROUTER_CLASSES:
         raise ValueError(f"router {config.router!r} is not available; choose one of {', '.join(ROUTER_CLASSES)}")
-    return ROUTER_CLASSES[config.router](config.hidden_size, config.num_experts, config.top_k, config.norm_topk_prob)
+    options = dict(aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
+                   bias_update_rate=config.bias_update_rate)
+    if config.router == "noisy_topk":
+        options["noise_std"] = config.router_noise_std
+    if config.router == "expert_choice":
+        options["capacity_factor"] = config.capacity_factor
+    return ROUTER_CLASSES[config.router](config.hidden_size, config.num_experts, config.top_k,
+                                         config.norm_topk_prob, **options)
 
 
-__all__ = ["AttentionRouter", "LinearRouter", "Router", "RouterOutput", "ROUTER_CLASSES", "build_router"]
+__all__ = ["AttentionRouter", "ExpertChoiceOutput", "ExpertChoiceRouter", "LinearRouter", "NoisyTopKRouter",
+           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_matrix", "layer_stats",
+           "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config", "update_expert_bias"]

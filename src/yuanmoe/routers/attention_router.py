@@ -15,8 +15,8 @@ from .base import Router
 
 
 class AttentionRouter(Router):
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True):
-        super().__init__(hidden_size, num_experts, top_k, norm_topk_prob)
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True, **balancing):
+        super().__init__(hidden_size, num_experts, top_k, norm_topk_prob, **balancing)
         self.query = nn.Linear(hidden_size, num_experts, bias=False)
         self.key = nn.Linear(hidden_size, num_experts, bias=False)
         self.value = nn.Linear(hidden_size, num_experts, bias=False)

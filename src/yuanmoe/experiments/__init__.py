@@ -1,0 +1,117 @@
+"""`yuan experiment routers|experts`: the paper's Tables 1 and 2 at small scale, on your data."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from pathlib import Path
+
+from ..data import load_meta
+from .corpus import prepare_corpus
+from .suites import (DEFAULT, PAPER_TABLE1, PAPER_TABLE2, QUICK, ROUTER_VARIANTS, Scale, base_config,
+                     check_matched_parameters, expert_variants, router_variants, run_suite)
+
+
+def comma_list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+    return parse
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder for results.md/json, plots, runs and data")
+    p.add_argument("--quick", action="store_true", help="a tiny model and budget: a few minutes on 2 CPU cores")
+    p.add_argument("--data", action="append", default=[], metavar="PATH[:WEIGHT]",
+                   help="add a corpus (text/code/JSON/JSONL file or folder, e.g. ../shared/corpus); repeatable")
+    p.add_argument("--no-code-corpus", action="store_true",
+                   help="leave out the default code corpus (the Python standard library's source)")
+    p.add_argument("--prepared", type=Path, help="train on a folder made by `yuan data prepare` instead")
+    for field in dataclasses.fields(Scale):
+        p.add_argument("--" + field.name.replace("_", "-"), type=float if field.type == "float" else int,
+                       help=f"override the scale (quick {getattr(QUICK, field.name)}, "
+                            f"default {getattr(DEFAULT, field.name)})")
+
+
+def scale_from_args(args) -> Scale:
+    scale = QUICK if args.quick else DEFAULT
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Scale) if getattr(args, f.name) is not None}
+    for name, value in overrides.items():
+        if value <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    return dataclasses.replace(scale, **overrides)
+
+
+def prepare(args, scale: Scale) -> tuple[Path, dict]:
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = prepare_corpus(args.out, args.data, not args.no_code_corpus, scale.vocab_size, args.prepared)
+    return data, load_meta(data)
+
+
+def command_line(args) -> str:
+    """An equivalent command line for the report, rebuilt from the parsed options."""
+    words = ["yuan", "experiment", args.suite]
+    for name, value in vars(args).items():
+        if name in ("command", "suite", "func") or value in (None, False, []):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            words.append(flag)
+        elif name == "data":
+            words += [part for spec in value for part in (flag, spec)]
+        else:
+            words += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return shlex.join(words)
+
+
+def run_routers(args) -> int:
+    scale = scale_from_args(args)
+    data, meta = prepare(args, scale)
+    variants = router_variants(base_config(scale, meta), args.routers)
+    check_matched_parameters(variants)
+    baseline = "linear" if "linear" in variants else next(iter(variants))
+    rows = run_suite(args.out, "Routers at equal parameters (paper Table 1, small scale)", variants, scale, data,
+                     baseline, PAPER_TABLE1, "paper (Table 1)", command_line(args))
+    print_summary(args.out, rows)
+    return 0
+
+
+def run_experts(args) -> int:
+    scale = scale_from_args(args)
+    data, meta = prepare(args, scale)
+    base = base_config(scale, meta).replace(router=args.router)
+    variants = expert_variants(base, args.expert_counts)
+    rows = run_suite(args.out, "Expert count at equal active parameters (paper Table 2, small scale)", variants,
+                     scale, data, next(iter(variants)), PAPER_TABLE2, "paper (Table 2)", command_line(args))
+    print_summary(args.out, rows)
+    return 0
+
+
+def print_summary(out: Path, rows: list[dict]) -> None:
+    for row in rows:
+        print(f"{row['variant']:>16}: held-out loss {row['mean']:.4f} +- {row['std']:.4f} "
+              f"({len(row['seeds'])} seeds, {row['total_params'] / 1e6:.2f}M params)")
+    print(f"wrote {out / 'results.md'}")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("experiment", help="reproduce the paper's router and expert-count comparisons")
+    suites = p.add_subparsers(dest="suite", required=True)
+
+    routers = suites.add_parser("routers", help="attention vs linear vs shared-expert routing at equal parameters")
+    add_common_options(routers)
+    routers.add_argument("--routers", type=comma_list(str), default=["attention", "linear", "shared"],
+                         help=f"variants to compare, from {', '.join(ROUTER_VARIANTS)} "
+                              f"(default attention,linear,shared)")
+    routers.set_defaults(func=run_routers)
+
+    experts = suites.add_parser("experts", help="8 vs 16 vs 32 experts at equal active parameters")
+    add_common_options(experts)
+    experts.add_argument("--expert-counts", type=comma_list(int), default=[8, 16, 32],
+                         help="expert counts to compare (default 8,16,32)")
+    experts.add_argument("--router", default="attention", choices=["attention", "linear", "noisy_topk"],
+                         help="router of every variant (default attention, as in the paper)")
+    experts.set_defaults(func=run_experts)

@@ -1,0 +1,165 @@
+"""Turning a suite's runs into results.json, results.md, loss_curves.png and co-selection heatmaps."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..utils import atomic_write_bytes, atomic_write_text
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarize(runs: list[dict], baseline: str) -> list[dict]:
+    """One row per variant, in run order: sizes, held-out loss over seeds, and the paired
+    difference to `baseline` (same seeds, so same data order and, per seed, comparable noise)."""
+    variants = list(dict.fromkeys(run["variant"] for run in runs))
+    by_variant = {v: {run["seed"]: run for run in runs if run["variant"] == v} for v in variants}
+    rows = []
+    for variant in variants:
+        seeds = by_variant[variant]
+        losses = [seeds[s]["heldout_loss"] for s in sorted(seeds)]
+        mean, std = mean_std(losses)
+        first = seeds[min(seeds)]
+        row = {"variant": variant, "total_params": first["total_params"], "active_params": first["active_params"],
+               "seeds": sorted(seeds), "heldout_loss": losses, "mean": mean, "std": std,
+               "routing": first["routing"]}
+        paired = [seeds[s]["heldout_loss"] - by_variant[baseline][s]["heldout_loss"]
+                  for s in sorted(seeds) if s in by_variant.get(baseline, {})]
+        if variant != baseline and paired:
+            diff_mean, diff_std = mean_std(paired)
+            stderr = diff_std / math.sqrt(len(paired))
+            row["vs_baseline"] = {"mean": diff_mean, "std": diff_std, "n": len(paired),
+                                  "within_noise": abs(diff_mean) < 2 * stderr if len(paired) > 1 else None}
+        rows.append(row)
+    return rows
+
+
+def write_results(out: Path, title: str, runs: list[dict], baseline: str, paper: dict[str, float],
+                  paper_label: str, command: str) -> list[dict]:
+    rows = summarize(runs, baseline)
+    budget = runs[0]["budget"]
+    atomic_write_text(out / "results.json", json.dumps(
+        {"title": title, "command": command, "budget": budget, "baseline": baseline, "paper": paper,
+         "variants": rows, "runs": [{k: v for k, v in run.items() if k != "coselection"} for run in runs]},
+        indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(title, rows, baseline, paper, paper_label, budget,
+                                                           runs[0]["heldout_tokens"], command))
+    plot_loss_curves(out / "loss_curves.png", runs, budget)
+    for variant in dict.fromkeys(run["variant"] for run in runs):
+        first = min((run for run in runs if run["variant"] == variant), key=lambda run: run["seed"])
+        if first["coselection"] is not None:
+            plot_coselection(out / f"coselection_{file_stem(variant)}.png", variant, first)
+    return rows
+
+
+def file_stem(variant: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in variant)
+
+
+def results_markdown(title: str, rows: list[dict], baseline: str, paper: dict[str, float], paper_label: str,
+                     budget: dict, heldout_tokens: int, command: str) -> str:
+    lines = [f"# {title}", "", f"Command: `{command}`", "",
+             f"Budget per run: {budget['steps']} steps x {budget['batch_size']} x {budget['seq_len']} tokens = "
+             f"{budget['steps'] * budget['batch_size'] * budget['seq_len']:,} training tokens, peak lr "
+             f"{budget['lr']}; held-out loss over {heldout_tokens:,} tokens (mean token cross-entropy, nats).", "",
+             f"| variant | params | active | held-out loss (mean +- std) | per seed | vs {baseline} (paired) "
+             f"| load max/mean | load CV | routing entropy | {paper_label} |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        diff = row.get("vs_baseline")
+        diff_text = "-" if diff is None else f"{diff['mean']:+.4f} +- {diff['std']:.4f}" + {
+            True: " (within noise)", False: "", None: " (one seed: noise unknown)"}[diff["within_noise"]]
+        routing = row["routing"] or {}
+        cells = [row["variant"], f"{row['total_params'] / 1e6:.3f}M", f"{row['active_params'] / 1e6:.3f}M",
+                 f"{row['mean']:.4f} +- {row['std']:.4f}", ", ".join(f"{v:.4f}" for v in row["heldout_loss"]),
+                 diff_text, f"{routing.get('mean/max_over_mean', float('nan')):.2f}",
+                 f"{routing.get('mean/load_cv', float('nan')):.2f}",
+                 f"{routing.get('mean/entropy', float('nan')):.2f}",
+                 f"{paper[row['variant']]:.3f}" if row["variant"] in paper else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences use the same seed (same initialisation seed and data order) for both "
+              "variants; 'within noise' means less than two standard errors of the paired differences. "
+              "Routing statistics are from the final held-out pass of the first seed, averaged over layers "
+              "(eval mode: expert choice shows its causal token-choice fallback there).", ""]
+    return "\n".join(lines)
+
+
+def smooth(values: list[float], window: int) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    window = max(1, min(window, len(array)))
+    return np.convolve(array, np.ones(window) / window, mode="valid")
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only backend (no display needed), imported on first use."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss_curves(path: Path, runs: list[dict], budget: dict) -> None:
+    plt = pyplot()
+    tokens_per_step = budget["batch_size"] * budget["seq_len"]
+    window = max(1, budget["steps"] // 20)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, variant in enumerate(dict.fromkeys(run["variant"] for run in runs)):
+        mine = [run for run in runs if run["variant"] == variant]
+        color = f"C{i}"
+        train = np.mean([smooth(run["train_curve"], window) for run in mine], axis=0)
+        x = (np.arange(len(train)) + window) * tokens_per_step
+        ax.plot(x, train, color=color, alpha=0.6, label=f"{variant} train")
+        steps = [step for step, _ in mine[0]["heldout_curve"]]
+        heldout = np.mean([[loss for _, loss in run["heldout_curve"]] for run in mine], axis=0)
+        ax.plot(np.asarray(steps) * tokens_per_step, heldout, "o--", color=color, label=f"{variant} held-out")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("loss (nats / token), mean over seeds")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_coselection(path: Path, variant: str, run: dict) -> None:
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    layers = np.asarray(run["coselection"], dtype=np.float64)  # [L, E, E]
+    share = layers / max(run["heldout_tokens"], 1)
+    cols = min(4, len(share))
+    rows = math.ceil(len(share) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(5.0, 3.4 * cols), 3.2 * rows + 0.6), squeeze=False)
+    for ax in axes.flat[len(share):]:
+        ax.axis("off")
+    for layer, (ax, matrix) in enumerate(zip(axes.flat, share)):
+        off_diagonal = matrix.copy()
+        np.fill_diagonal(off_diagonal, np.nan)  # the diagonal is the expert's own load, on another scale
+        image = ax.imshow(off_diagonal, cmap="viridis")
+        ax.set_title(f"layer {layer}", fontsize=9)
+        ax.set_xlabel("expert", fontsize=8)
+        ax.set_ylabel("expert", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"{variant}, seed {run['seed']}: share of held-out tokens\nserved by both experts "
+                 f"(diagonal left out)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
