@@ -51,13 +51,6 @@ FOUR_RANK_LAYOUTS = {
 SAVED_LAYOUTS = ("fsdp_ep", "pp_1f1b", *FOUR_RANK_LAYOUTS)  # checkpointed after SAVE_AT steps
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The single-process references run on one thread, like each rank (and faster for a tiny model)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(seed: int = 0, **overrides) -> YuanForCausalLM:

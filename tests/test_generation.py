@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import CORPUS, GOLDEN, TOKENIZER_DIR
+from conftest import GOLDEN, TOKENIZER_DIR
 from yuanmoe import YuanForCausalLM, preset
 from yuanmoe.inference import (
     BatchDecoder, Request, SamplingParams, TextStream, complete, decode_tokens, format_chat, generate,
@@ -16,34 +16,6 @@ from yuanmoe.inference import (
 )
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models decode fastest on one thread; two threads on a busy 2-core machine spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    from yuanmoe.tokenizer import BPETokenizer
-
-    english = (CORPUS / "tinyshakespeare.txt").read_text()[:20000].split("\n\n")
-    chinese = [r["instruction"] + r["output"]
-               for r in json.loads((CORPUS / "zh-alpaca-part-00.json").read_text(encoding="utf-8"))[:200]]
-    return BPETokenizer.train(english + chinese, vocab_size=600)
-
-
-@pytest.fixture(scope="module")
-def model(bpe):
-    """A random tiny model whose vocabulary and special ids match the BPE tokenizer."""
-    torch.manual_seed(0)
-    config = preset("tiny", vocab_size=bpe.vocab_size, eod_token_id=bpe.eod_id, sep_token_id=bpe.sep_id,
-                    pad_token_id=bpe.pad_id, initializer_range=0.3)
-    return YuanForCausalLM(config).eval()
 
 
 def test_engine_reproduces_golden_greedy_continuation():

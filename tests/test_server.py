@@ -12,8 +12,6 @@ import openai
 import pytest
 import uvicorn
 
-from test_generation import _one_thread, bpe, model  # noqa: F401  (shared fixtures)
-
 MODEL_NAME = "tiny-test"
 CAP = 400
 
