@@ -32,8 +32,11 @@ def loop_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def fwd_bwd(fn, x, grad) -> float:
+def fwd_bwd(fn, x, grad, params) -> float:
+    """One training-style step: gradients start from None, as after optimizer.zero_grad()."""
     x.grad = None
+    for p in params:
+        p.grad = None
     t0 = time.perf_counter()
     out = fn(x)
     out = out[0] if isinstance(out, tuple) else out
@@ -41,15 +44,15 @@ def fwd_bwd(fn, x, grad) -> float:
     return time.perf_counter() - t0
 
 
-def bench(fns: dict, x, grad, repeats: int) -> dict:
+def bench(fns: dict, x, grad, repeats: int, params) -> dict:
     """Interleave the candidates and keep each one's fastest run: on a shared machine the minimum
     is the least disturbed measurement, and interleaving exposes all of them to the same load."""
     best = {name: float("inf") for name in fns}
     for name, fn in fns.items():
-        fwd_bwd(fn, x, grad)  # warm-up
+        fwd_bwd(fn, x, grad, params)  # warm-up
     for _ in range(repeats):
         for name, fn in fns.items():
-            best[name] = min(best[name], fwd_bwd(fn, x, grad))
+            best[name] = min(best[name], fwd_bwd(fn, x, grad, params))
     return best
 
 
@@ -77,7 +80,8 @@ def main() -> None:
     x = torch.randn(args.tokens, args.hidden, dtype=dtype, requires_grad=True)
     grad = torch.randn(args.tokens, args.hidden, dtype=dtype)
 
-    times = bench({"grouped": moe, "loop": lambda t: loop_forward(moe, t), "dense": dense}, x, grad, args.repeats)
+    times = bench({"grouped": moe, "loop": lambda t: loop_forward(moe, t), "dense": dense}, x, grad, args.repeats,
+                  [*moe.parameters(), *dense.parameters()])
     t_grouped, t_loop, t_dense = times["grouped"], times["loop"], times["dense"]
     flops = 6 * args.tokens * args.top_k * 3 * args.hidden * args.ffn  # fwd+bwd of the active expert matmuls
     print(f"MoE layer fwd+bwd: {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts x FFN {args.ffn}, "

@@ -248,3 +248,11 @@ def test_experts_run_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe.experts(x, torch.tensor([5, 0, 5, 0, 5, 0, 5, 0]))
     assert out.dtype == torch.bfloat16
+
+
+def test_logits_to_keep_returns_the_last_positions_only():
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        full, last = model(ids).logits, model(ids, logits_to_keep=2).logits
+    assert last.shape == (2, 2, 512) and torch.allclose(last, full[:, -2:], atol=1e-6)

@@ -57,7 +57,7 @@ class BatchDecoder:
             positions[row, width - len(ids):] = torch.arange(len(ids))
         with torch.inference_mode():
             self._logits = model(input_ids.to(device), position_ids=positions.to(device),
-                                 cache=self.cache).logits[:, -1]
+                                 cache=self.cache, logits_to_keep=1).logits[:, -1]
         self._last_tokens: list[int] | None = None
 
     @property
@@ -77,7 +77,7 @@ class BatchDecoder:
             return []
         if self._last_tokens is not None:
             ids = torch.tensor(self._last_tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
-            self._logits = self.model(ids, cache=self.cache).logits[:, -1]
+            self._logits = self.model(ids, cache=self.cache, logits_to_keep=1).logits[:, -1]
         tokens = self.sampler(self._logits).tolist()
         for seq, token in zip(self.rows, tokens):
             self.generated[seq].append(token)

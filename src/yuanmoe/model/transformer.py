@@ -93,7 +93,7 @@ class YuanForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: DecodeCache | None = None,
-                output_router: bool = False) -> CausalLMOutput:
+                output_router: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [b, s]. position_ids [b, s] restart at 0 where a packed document starts; the
         model then neither attends nor filters across the boundary. With a cache, the tokens
         continue each row's sequence. labels [b, s] (HF style, shifted inside, -100 ignored)."""
@@ -125,6 +125,10 @@ class YuanForCausalLM(nn.Module):
             h, routing = layer(h, rope, keep, mask, cache)
             if routing is not None:
                 routings.append(routing)
+        if logits_to_keep > 0:
+            if labels is not None:
+                raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
+            h = h[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(h))
 
         if cache is not None:
