@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .config import PRESETS, YuanConfig, preset
+from .config import PRESETS, ConfigError, YuanConfig, preset
 
 
 def model_stats(config: YuanConfig, seq_len: int | None = None) -> dict:
@@ -76,5 +76,10 @@ def load_any_config(path: str) -> YuanConfig:
         p = p / "config.json"
     if not p.exists():
         raise FileNotFoundError(f"no config file at {p}")
-    data = json.loads(p.read_text())
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a JSON object")
     return config_from_official(data) if "model_type" in data else YuanConfig.from_dict(data)
