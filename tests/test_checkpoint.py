@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import GOLDEN, TOKENIZER_DIR
-from yuanmoe import ConfigError, YuanForCausalLM, from_pretrained, load_tokenizer, save_pretrained
+from yuanmoe import ConfigError, YuanForCausalLM, from_pretrained, load_tokenizer, preset, save_pretrained
 from yuanmoe.cli import main as cli_main
 from yuanmoe.convert import CheckpointError
 
@@ -145,3 +145,14 @@ def test_unusable_inputs_raise_one_clear_error(tmp_path):
     (corrupt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "shard-1.safetensors"}}))
     with pytest.raises(CheckpointError, match="shard-1.safetensors"):
         from_pretrained(corrupt)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(router="linear"), "only the attention router"),
+    (dict(num_shared_experts=1), "no shared experts"),
+    (dict(bias_update_rate=0.01), "no per-expert routing bias"),
+])
+def test_official_export_refuses_what_the_official_code_cannot_run(tmp_path, overrides, message):
+    model = YuanForCausalLM(preset("tiny", **overrides))
+    with pytest.raises(ConfigError, match=message):
+        save_pretrained(model, tmp_path / "official", fmt="official")

@@ -61,14 +61,22 @@ def config_from_official(data: dict) -> YuanConfig:
     )
 
 
-def config_to_official(config: YuanConfig) -> dict:
-    """The official config.json dict for a config the official code can run."""
+def check_official_expressible(config: YuanConfig) -> None:
+    """Raise ConfigError when the official modeling code cannot run this architecture."""
     if config.is_moe and config.router not in OFFICIAL_ROUTERS:
         raise ConfigError(f"the official format has only the attention router; this model uses {config.router!r}")
     if config.num_shared_experts:
         raise ConfigError("the official format has no shared experts")
+    if config.is_moe and config.bias_update_rate > 0:
+        raise ConfigError("the official format has no per-expert routing bias (aux-loss-free balancing); "
+                          "export a model trained with bias_update_rate = 0")
     if config.rope_dim != config.hidden_size // config.num_heads:
         raise ConfigError("the official code fixes rotary_dim to hidden_size / num_heads")
+
+
+def config_to_official(config: YuanConfig) -> dict:
+    """The official config.json dict for a config the official code can run."""
+    check_official_expressible(config)
     return {
         "architectures": ["YuanForCausalLM"],
         "model_type": "yuan",
@@ -209,8 +217,7 @@ def _layer_from_official(take, config: YuanConfig, i: int) -> dict[str, torch.Te
 
 def native_to_official(state: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
     """Inverse of official_to_native: this project's state dict in official names and layouts."""
-    if config.is_moe and config.router not in OFFICIAL_ROUTERS:
-        raise ConfigError(f"the official format has only the attention router; this model uses {config.router!r}")
+    check_official_expressible(config)
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         m = _LAYER.match("model." + name)
