@@ -80,6 +80,8 @@ def run_routers(args) -> int:
 
 
 def run_experts(args) -> int:
+    if args.num_experts is not None:
+        raise ValueError("--num-experts does not apply to `yuan experiment experts`; use --expert-counts")
     scale = scale_from_args(args)
     data, meta = prepare(args, scale)
     base = base_config(scale, meta).replace(router=args.router)
