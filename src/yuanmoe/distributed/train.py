@@ -26,8 +26,8 @@ from ..data import TokenDataset, load_meta
 from ..model import YuanForCausalLM
 from ..routers import update_expert_bias
 from ..training.metrics import MetricsLog, plot_loss
-from ..training.optim import build_optimizer, learning_rate
-from ..training.trainer import (CHECKPOINTS, StopOnSignal, TrainConfig, TrainingError, TrainResult,
+from ..training.optim import build_optimizer
+from ..training.trainer import (CHECKPOINTS, StopOnSignal, TrainConfig, TrainingError, TrainResult, begin_step,
                                 check_data_matches, enable_activation_checkpointing)
 from .checkpoint import CONFIG_FILE, export_checkpoint, load_checkpoint, save_checkpoint
 from .mesh import ParallelDims, build_mesh, init_distributed
@@ -94,12 +94,7 @@ def train_parallel(model_config: YuanConfig | None, cfg: TrainConfig, dims: Para
     try:
         with StopOnSignal() as stop:
             while step < cfg.max_steps:
-                lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                first = step * samples_per_step
-                batches = [dataset.batch(range(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size))
-                           for m in range(cfg.grad_accum)]
+                lr, batches = begin_step(optimizer, dataset, cfg, step)
                 stats = pm.train_step(batches)
                 grad_norm = float(pm.clip_grad_norm_(cfg.grad_clip))
                 if not (np.isfinite(stats.loss) and np.isfinite(grad_norm)):
@@ -134,7 +129,7 @@ def train_parallel(model_config: YuanConfig | None, cfg: TrainConfig, dims: Para
                         bar.write(f"step {step}: held-out loss {result.eval_loss:.4f}")
                 stopping = _any_rank(stop.signum != 0)  # ranks may see a signal at different steps
                 if step % cfg.save_every == 0 or step == cfg.max_steps or stopping:
-                    extra = {"step": step, "samples_seen": first + samples_per_step,
+                    extra = {"step": step, "samples_seen": step * samples_per_step,
                              "train_config": dataclasses.asdict(cfg), "parallel": str(dims)}
                     result.checkpoint = save_checkpoint(run_dir / CHECKPOINTS / f"step-{step:07d}", pm, optimizer, extra)
                     if leader:

@@ -140,12 +140,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     try:
         with StopOnSignal() as stop:
             while step < cfg.max_steps:
-                lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                first = step * samples_per_step
-                batches = [dataset.batch(range(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size))
-                           for m in range(cfg.grad_accum)]
+                lr, batches = begin_step(optimizer, dataset, cfg, step)
                 loss, aux, load = train_step(model, batches, cfg.bf16)
                 if not np.isfinite(loss):
                     raise TrainingError(f"the training loss became {loss} at step {step + 1}; stopping before "
@@ -178,7 +173,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                     log.write({"step": step, "eval_loss": round(result.eval_loss, 6)})
                     bar.write(f"step {step}: held-out loss {result.eval_loss:.4f}")
                 if step % cfg.save_every == 0 or finished or stop.signum:
-                    state = trainer_state(step, optimizer, cfg, first + samples_per_step)
+                    state = trainer_state(step, optimizer, cfg, step * samples_per_step)
                     result.checkpoint = save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_last)
                 if stop.signum:
                     bar.write(f"{signal.Signals(stop.signum).name} received: saved {result.checkpoint}; "
@@ -220,6 +215,19 @@ class Throughput:
         self.since, self.since_step, self.load = now, step, None
         return record
 
+
+
+def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int) -> tuple[float, list]:
+    """Set the scheduled learning rate of optimizer step `step` (0-based) and return it with the
+    step's micro-batches: sample i of the data is a pure function of i, so a resumed run continues
+    with exactly the samples an uninterrupted one would have seen."""
+    lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    first = step * cfg.batch_size * cfg.grad_accum
+    batches = [dataset.batch(range(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size))
+               for m in range(cfg.grad_accum)]
+    return lr, batches
 
 def train_step(model: YuanForCausalLM, batches: list[dict], bf16: bool) -> tuple[float, float, list[list[int]]]:
     """Forward and backward over the micro-batches of one optimizer step. The cross entropy is
