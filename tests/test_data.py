@@ -9,6 +9,7 @@ import pytest
 
 from conftest import CORPUS, TOKENIZER_DIR
 from yuanmoe.data import IGNORE_INDEX, TokenDataset, apply_fim, fim_permute, fim_restore, position_ids, prepare_dataset
+from yuanmoe.cli import main as cli_main
 from yuanmoe.tokenizer import load_tokenizer
 
 FIM_IDS = {"prefix": 5, "suffix": 4, "middle": 6}
@@ -172,3 +173,19 @@ def test_worker_processes_write_the_same_shards_as_one_process(prepared, corpus_
                                heldout_fraction=0.1, progress=False)
     [shard] = parallel["sources"][0]["train"]
     assert (tmp_path / shard["file"]).read_bytes() == (out / meta["sources"][1]["train"][0]["file"]).read_bytes()
+
+
+def test_official_layout_lines_become_documents_with_newlines_and_sep(tmp_path):
+    (tmp_path / "official.txt").write_text("第一行<n>第二行\n\n问题是什么<sep>答案<n>在这里\n")
+    out = tmp_path / "data"
+    assert cli_main(["data", "prepare", str(tmp_path / "official.txt"), "--out", str(out), "--official-lines",
+                     "--tokenizer", str(TOKENIZER_DIR / "tokenizer.model"), "--heldout", "0",
+                     "--workers", "1"]) == 0
+    tok = load_tokenizer(out / "tokenizer")
+    shard = json.loads((out / "meta.json").read_text())["sources"][0]["train"][0]
+    tokens = np.fromfile(out / shard["file"], dtype=np.uint32).tolist()
+    assert shard["docs"] == 2 and tokens.count(tok.eod_id) == 2
+    first, second = tokens[: tokens.index(tok.eod_id)], tokens[tokens.index(tok.eod_id) + 1: -1]
+    assert tok.decode(first) == "第一行\n第二行"
+    sep = second.index(tok.sep_id)
+    assert (tok.decode(second[:sep]), tok.decode(second[sep + 1:])) == ("问题是什么", "答案\n在这里")

@@ -36,17 +36,21 @@ _worker_tokenizer = None  # set once per worker process
 def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: str | Path | None = None,
                     train_tokenizer_vocab: int | None = None, heldout_fraction: float = 0.01,
                     seed: int = 1234, workers: int | None = None, shard_tokens: int = 1 << 30,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, official_lines: bool = False) -> dict:
     """Tokenize every input into `out`; returns the written meta.json as a dict.
 
     Give either `tokenizer` (a tokenizer file or folder, e.g. the official tokenizer.model) or
     `train_tokenizer_vocab` (train a byte-level BPE of that size on the inputs).
+    `official_lines` reads text files in the official Yuan layout (a document per line, `<n>` for
+    newlines, prompt `<sep>` answer).
     A document goes to the held-out split when a hash of its text falls under `heldout_fraction`,
     so the split does not depend on input order, worker count or other inputs.
     """
     from ..tokenizer import BPETokenizer, load_tokenizer
 
     sources = [parse_input(s) if isinstance(s, str) else s for s in inputs]
+    for source in sources:
+        source.official_lines = source.official_lines or official_lines
     if not sources:
         raise ValueError("no inputs given; name at least one text, JSONL or JSON file or folder")
     if (tokenizer is None) == (train_tokenizer_vocab is None):

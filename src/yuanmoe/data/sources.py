@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
 
+from ..tokenizer import newlines_from_official
+
 RECORD_SUFFIXES = (".json", ".jsonl")
 # Files taken from a folder: prose, code and records; anything else there (binaries, caches) is skipped.
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js",
@@ -30,6 +32,8 @@ class Source:
     weight: float = 1.0
     name: str = ""
     files: list[Path] = field(default_factory=list)
+    # Text files in the official Yuan data layout: a document per line, `<n>` for newlines.
+    official_lines: bool = False
 
     def __post_init__(self) -> None:
         if self.weight <= 0:
@@ -40,7 +44,7 @@ class Source:
 
     def documents(self) -> Iterator[Document]:
         for path in self.files:
-            yield from read_documents(path)
+            yield from read_documents(path, self.official_lines)
 
 
 def parse_input(spec: str) -> Source:
@@ -72,7 +76,7 @@ def list_files(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_documents(path: Path) -> Iterator[Document]:
+def read_documents(path: Path, official_lines: bool = False) -> Iterator[Document]:
     if path.suffix.lower() in RECORD_SUFFIXES:
         yield from read_records(path)
         return
@@ -80,7 +84,18 @@ def read_documents(path: Path) -> Iterator[Document]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text") from None
-    yield from split_long_text(text)
+    yield from read_official_lines(text) if official_lines else split_long_text(text)
+
+
+def read_official_lines(text: str) -> Iterator[Document]:
+    """The official data layout: one document per line, newlines inside it written `<n>`, and a
+    supervised sample written prompt `<sep>` answer."""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        line = newlines_from_official(line)
+        prompt, sep, answer = line.partition("<sep>")
+        yield (prompt, answer) if sep else line
 
 
 def split_long_text(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:

@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--heldout", type=float, default=0.01, help="fraction of documents held out (default 0.01)")
     p.add_argument("--workers", type=int, help="tokenizer processes (default: CPU count, at most 8)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the held-out split")
+    p.add_argument("--official-lines", action="store_true",
+                   help="text files are in the official Yuan layout: a document per line, newlines written <n>, "
+                        "prompt <sep> answer")
     p.set_defaults(func=run_prepare)
 
     t = sub.add_parser("train", help="train a model from scratch on prepared data, or resume a run")
@@ -70,7 +73,8 @@ def run_prepare(args) -> int:
     from ..data import prepare_dataset
 
     meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
-                           heldout_fraction=args.heldout, seed=args.seed, workers=args.workers)
+                           heldout_fraction=args.heldout, seed=args.seed, workers=args.workers,
+                           official_lines=args.official_lines)
     for s in meta["sources"]:
         train = sum(x["tokens"] for x in s["train"])
         valid = sum(x["tokens"] for x in s["valid"])
