@@ -274,6 +274,10 @@ def test_exported_checkpoint_loads_as_a_single_file_model(run, tmp_path):
     for fmt in ("native", "official"):
         exported = from_pretrained(export_checkpoint(source, tmp_path / fmt, fmt=fmt))
         assert torch.allclose(exported(ids).logits, expected, atol=1e-5), fmt
+    from yuanmoe.cli import main as cli_main
+
+    assert cli_main(["convert", str(source), str(tmp_path / "converted"), "--to", "official"]) == 0
+    assert torch.allclose(from_pretrained(tmp_path / "converted")(ids).logits, expected, atol=1e-5)
 
 
 def test_loading_a_checkpoint_of_another_model_names_the_difference(run):

@@ -14,7 +14,6 @@ COMMAND_MODULES = [
     "yuanmoe.info",
     "yuanmoe.convert.cli",
     "yuanmoe.training.commands",
-    "yuanmoe.distributed.commands",
     "yuanmoe.evaluation.cli",
     "yuanmoe.inference.commands",
     "yuanmoe.experiments",

@@ -1,9 +1,14 @@
-"""`yuan convert SRC OUT --to official|native`: rewrite a checkpoint folder in the other format."""
+"""`yuan convert SRC OUT --to official|native`: rewrite a checkpoint folder in either format.
+
+SRC is an official or native folder, or a distributed (torchrun) training checkpoint, which is
+gathered into one model first."""
 
 from __future__ import annotations
 
 import argparse
 import re
+
+import torch
 
 from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, FORMATS, from_pretrained, save_pretrained
 
@@ -20,7 +25,8 @@ def parse_size(text: str) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between the official and this project's format",
-                       description="Load SRC (official Yuan2-M32-hf or native folder) and write it to OUT in "
+                       description="Load SRC (official Yuan2-M32-hf folder, native folder, or a distributed "
+                                   "checkpoint of a torchrun run, any parallel layout) and write it to OUT in "
                                    "the chosen format; tokenizer files are carried over.")
     p.add_argument("src", help="checkpoint folder to read")
     p.add_argument("out", help="folder to write (replaced if it is a checkpoint folder already)")
@@ -29,17 +35,29 @@ def register(sub) -> None:
                    help="cast the weights (default: keep the stored dtype, which makes the conversion exact)")
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="largest weight file before sharding, e.g. 5GB (default 5GiB)")
+    p.add_argument("--tokenizer", help="tokenizer to include (a tokenizer folder, checkpoint or tokenizer.model); "
+                                       "default: the one in SRC, if any")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..tokenizer import load_tokenizer
 
-    model = from_pretrained(args.src, dtype=args.dtype)
-    try:
-        tokenizer = load_tokenizer(args.src)
-    except FileNotFoundError:
-        tokenizer = None
+    from ..distributed import gather_model, is_distributed_checkpoint
+
+    if is_distributed_checkpoint(args.src):
+        model = gather_model(args.src)
+        if args.dtype:
+            model = model.to(getattr(torch, args.dtype))
+    else:
+        model = from_pretrained(args.src, dtype=args.dtype)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        try:
+            tokenizer = load_tokenizer(args.src)
+        except FileNotFoundError:
+            tokenizer = None
     out = save_pretrained(model, args.out, tokenizer=tokenizer, fmt=args.to, max_shard_bytes=args.max_shard_size)
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"wrote {out} ({args.to} format, {gb:.3f} GB of {model.dtype} weights"

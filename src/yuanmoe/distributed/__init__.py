@@ -1,7 +1,7 @@
 """Training on many processes with torch.distributed: FSDP2 / DDP, expert and pipeline parallel,
 and distributed checkpoints, all applied from outside the single-device model.
 
-Names load on first use, so that `yuan` (which registers `distributed.commands`) starts without
+Names load on first use, so that `yuan` and `import yuanmoe.distributed` start without
 importing torch.distributed's pipelining and checkpoint machinery.
 """
 
@@ -13,7 +13,8 @@ _HOMES = {
     "apply_expert_parallel": "expert_parallel",
     "ParallelModel": "parallel_model", "StepStats": "parallel_model", "parallelize": "parallel_model",
     "PipelineStageModule": "pipeline",
-    "export_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "export_checkpoint": "checkpoint", "gather_model": "checkpoint", "is_distributed_checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "train_parallel": "train",
 }
 

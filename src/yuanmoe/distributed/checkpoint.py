@@ -167,13 +167,23 @@ def load_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
     return json.loads((path / EXTRA_FILE).read_text())
 
 
+def is_distributed_checkpoint(path: str | Path) -> bool:
+    """True for a folder written by `save_checkpoint` (torch.distributed.checkpoint's .metadata)."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def gather_model(path: str | Path) -> YuanForCausalLM:
+    """The whole model of a distributed checkpoint, loaded into this process (eval mode)."""
+    path = Path(path)
+    _check_folder(path)
+    model = YuanForCausalLM(YuanConfig.from_json(path / CONFIG_FILE))
+    _dcp(dcp.load, {"model": _model_state(model)}, path, single_process=True)
+    return model.eval()
+
+
 def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "native", tokenizer=None) -> Path:
     """Gather a distributed checkpoint into one model in this process and write it as a
     `save_pretrained` folder (native or official format), for inference and sharing."""
     from ..checkpoint import save_pretrained
 
-    path = Path(path)
-    _check_folder(path)
-    model = YuanForCausalLM(YuanConfig.from_json(path / CONFIG_FILE))
-    _dcp(dcp.load, {"model": _model_state(model)}, path, single_process=True)
-    return save_pretrained(model, out, tokenizer=tokenizer, fmt=fmt)
+    return save_pretrained(gather_model(path), out, tokenizer=tokenizer, fmt=fmt)
