@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from yuanmoe.inference import (
     BatchDecoder, Request, SamplingParams, TextStream, complete, decode_tokens, format_chat, generate,
     run_requests, stream,
 )
+from yuanmoe.inference.generate import decode_step
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
 
@@ -39,6 +41,19 @@ def test_batched_prompts_of_different_lengths_match_each_prompt_alone(model):
     assert batched == alone
     assert reasons == ["length"] * len(prompts)
     assert all(len(set(ids)) > 6 for ids in batched)
+
+
+def test_cache_that_grows_while_decoding_gives_the_same_tokens(model, monkeypatch):
+    prompts = [[5, 6, 7, 8, 9], [100, 200]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    roomy = decode_tokens(model, prompts, params, stop_token_ids=())
+    # The module, not the function of the same name that yuanmoe.inference exports.
+    monkeypatch.setattr(importlib.import_module("yuanmoe.inference.generate"), "FIRST_DECODE_SLOTS", 2)
+    decoder = BatchDecoder(model, prompts, params, stop_token_ids=())
+    while not decoder.done:
+        decoder.step()
+    assert decoder.cache.max_len == 5 + 12  # 7 slots, doubled to 14, then as many as the budgets need
+    assert (decoder.generated, decoder.finish_reasons) == roomy
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
@@ -79,6 +94,37 @@ def test_prompt_longer_than_the_context_is_a_clear_error(model):
     while not decoder.done:
         decoder.step()
     assert len(decoder.generated[0]) <= 3
+
+
+def test_prompt_with_an_id_outside_the_vocabulary_is_a_clear_error(model):
+    vocab = model.config.vocab_size
+    with pytest.raises(ValueError, match=f"token id {vocab} is out of range for a vocabulary of {vocab}"):
+        generate(model, [[5, 6], [7, vocab]], max_new_tokens=4)
+
+
+def test_decode_step_is_one_graph_that_no_token_recompiles():
+    """fullgraph=True fails on a graph break (a host synchronisation such as `int(ids.max())` is
+    one), and error_on_recompile fails when a step differs from the step before (a Python number
+    that changes per token). The eager backend traces without compiling, so this stays fast."""
+    torch.manual_seed(0)
+    model = YuanForCausalLM(preset("tiny")).eval().to(torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = torch.compile(decode_step, fullgraph=True, backend="eager")
+
+    def greedy(step):
+        cache = model.new_cache(2, 12)
+        prompt = torch.tensor([[509, 509, 5, 6], [7, 8, 9, 10]])
+        positions = torch.tensor([[0, 0, 0, 1], [0, 1, 2, 3]])
+        logits = model(prompt, position_ids=positions, cache=cache).logits[:, -1]
+        tokens = []
+        for i in range(8):
+            tokens.append(logits.argmax(-1, keepdim=True))
+            with torch._dynamo.config.patch(error_on_recompile=i > 0):
+                logits = step(model, tokens[-1], cache)
+        return torch.cat(tokens, dim=1)
+
+    with torch.inference_mode():
+        assert torch.equal(greedy(compiled), greedy(decode_step))
 
 
 def test_stop_string_ends_the_text_before_it(model, bpe):

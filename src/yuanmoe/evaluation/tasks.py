@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from . import answers, prompts, readers
+from .answers import extract_choice, extract_math_answer, extract_number, math_equal, numbers_equal
+from .prompts import FEW_SHOT_STOP, GSM8K_SHOTS, MATH_SHOTS, few_shot_text, multiple_choice_text, sep_prompt
+from .readers import Problem, load_arc, load_gsm8k, load_humaneval, load_math, load_mmlu
 from .lm import EvalModel
 from .sandbox import run_python
 
@@ -50,7 +52,7 @@ class TaskResult:
         return {"score": self.score, **asdict(self)}
 
 
-def _limit(problems: list[readers.Problem], limit: int | None) -> list[readers.Problem]:
+def _limit(problems: list[Problem], limit: int | None) -> list[Problem]:
     if limit is None:
         return problems
     if limit < 1:
@@ -58,7 +60,7 @@ def _limit(problems: list[readers.Problem], limit: int | None) -> list[readers.P
     return problems[:limit]
 
 
-def _interleave_subjects(problems: list[readers.Problem]) -> list[readers.Problem]:
+def _interleave_subjects(problems: list[Problem]) -> list[Problem]:
     """The first problem of every subject, then the second of every subject, and so on."""
     by_subject = defaultdict(list)
     for p in problems:
@@ -74,25 +76,25 @@ def _output_text(text: str) -> str:
 
 # ---- multiple choice ---------------------------------------------------------------------------
 
-def score_multiple_choice(lm: EvalModel, problems: list[readers.Problem], settings: TaskSettings,
+def score_multiple_choice(lm: EvalModel, problems: list[Problem], settings: TaskSettings,
                           progress: bool) -> list[dict]:
     if settings.scoring not in MC_SCORINGS:
         raise ValueError(f"unknown scoring {settings.scoring!r}; choose one of {', '.join(MC_SCORINGS)}")
     if settings.scoring == "loglikelihood":
         return _mc_by_loglikelihood(lm, problems, progress)
-    ids = [prompts.sep_prompt(lm.tokenizer, prompts.multiple_choice_text(p.question)) for p in problems]
+    ids = [sep_prompt(lm.tokenizer, multiple_choice_text(p.question)) for p in problems]
     outputs = lm.generate(ids, settings.max_new_tokens or 256, progress=progress)
     records = []
     for p, out in zip(problems, outputs):
         text = _output_text(out.text)
-        predicted = answers.extract_choice(text, letters="".join(p.choices))
+        predicted = extract_choice(text, letters="".join(p.choices))
         records.append(_record(p, predicted, predicted == p.answer, output=text))
     return records
 
 
-def _mc_by_loglikelihood(lm: EvalModel, problems: list[readers.Problem], progress: bool) -> list[dict]:
+def _mc_by_loglikelihood(lm: EvalModel, problems: list[Problem], progress: bool) -> list[dict]:
     """Each option letter scored as the continuation of "...question\\nAnswer:"; the likeliest wins."""
-    pairs = [(prompts.multiple_choice_text(p.question) + "\nAnswer:", f" {letter}")
+    pairs = [(multiple_choice_text(p.question) + "\nAnswer:", f" {letter}")
              for p in problems for letter in p.choices]
     scores = iter(lm.loglikelihood(pairs, progress=progress))
     records = []
@@ -105,20 +107,20 @@ def _mc_by_loglikelihood(lm: EvalModel, problems: list[readers.Problem], progres
 
 # ---- GSM8K and MATH ----------------------------------------------------------------------------
 
-def score_gsm8k(lm: EvalModel, problems: list[readers.Problem], settings: TaskSettings, progress: bool) -> list[dict]:
-    return _score_worked_answers(lm, problems, settings, progress, prompts.GSM8K_SHOTS, answers.extract_number,
-                                 answers.numbers_equal)
+def score_gsm8k(lm: EvalModel, problems: list[Problem], settings: TaskSettings, progress: bool) -> list[dict]:
+    return _score_worked_answers(lm, problems, settings, progress, GSM8K_SHOTS, extract_number,
+                                 numbers_equal)
 
 
-def score_math(lm: EvalModel, problems: list[readers.Problem], settings: TaskSettings, progress: bool) -> list[dict]:
-    return _score_worked_answers(lm, problems, settings, progress, prompts.MATH_SHOTS, answers.extract_math_answer,
-                                 answers.math_equal)
+def score_math(lm: EvalModel, problems: list[Problem], settings: TaskSettings, progress: bool) -> list[dict]:
+    return _score_worked_answers(lm, problems, settings, progress, MATH_SHOTS, extract_math_answer,
+                                 math_equal)
 
 
 def _score_worked_answers(lm, problems, settings, progress, shots, extract, equal) -> list[dict]:
     count = len(shots) if settings.shots is None else settings.shots
-    ids = [prompts.sep_prompt(lm.tokenizer, prompts.few_shot_text(shots, count, p.question)) for p in problems]
-    outputs = lm.generate(ids, settings.max_new_tokens or 512, stop=prompts.FEW_SHOT_STOP, progress=progress)
+    ids = [sep_prompt(lm.tokenizer, few_shot_text(shots, count, p.question)) for p in problems]
+    outputs = lm.generate(ids, settings.max_new_tokens or 512, stop=FEW_SHOT_STOP, progress=progress)
     records = []
     for p, out in zip(problems, outputs):
         text = _output_text(out.text)
@@ -134,7 +136,7 @@ FENCE_STOP = ("\n```",)
 _TOP_LEVEL_TEST_CODE = ("print(", "assert ", "if __name__")
 
 
-def humaneval_program(problem: readers.Problem, style: str, completion: str) -> str:
+def humaneval_program(problem: Problem, style: str, completion: str) -> str:
     """The program that passes when the completion is right: the original prompt (its imports and
     helper functions), the completed function, the tests, and the call of `check`.
 
@@ -152,7 +154,7 @@ def humaneval_program(problem: readers.Problem, style: str, completion: str) -> 
     return f"{code}\n\n{problem.code['test']}\n\ncheck({problem.code['entry_point']})\n"
 
 
-def score_humaneval(lm: EvalModel, problems: list[readers.Problem], settings: TaskSettings,
+def score_humaneval(lm: EvalModel, problems: list[Problem], settings: TaskSettings,
                     progress: bool) -> list[dict]:
     style = settings.humaneval_prompts
     ids = [lm.tokenizer.encode(p.question) for p in problems]
@@ -167,7 +169,7 @@ def score_humaneval(lm: EvalModel, problems: list[readers.Problem], settings: Ta
             for p, c, r in zip(problems, completions, results)]
 
 
-def _record(problem: readers.Problem, predicted, correct: bool, **extra) -> dict:
+def _record(problem: Problem, predicted, correct: bool, **extra) -> dict:
     record = {"id": problem.id, "reference": problem.answer, "prediction": predicted, "correct": bool(correct)}
     return {**record, **extra}
 
@@ -178,21 +180,21 @@ def _record(problem: readers.Problem, predicted, correct: bool, **extra) -> dict
 class Task:
     name: str
     metric: str
-    load: Callable[[str, TaskSettings], list[readers.Problem]]
-    score: Callable[[EvalModel, list[readers.Problem], TaskSettings, bool], list[dict]]
+    load: Callable[[str, TaskSettings], list[Problem]]
+    score: Callable[[EvalModel, list[Problem], TaskSettings, bool], list[dict]]
     description: str
 
 
 TASKS = {
-    "arc": Task("arc", "accuracy", lambda d, s: readers.load_arc(d), score_multiple_choice,
+    "arc": Task("arc", "accuracy", lambda d, s: load_arc(d), score_multiple_choice,
                 "ARC-Challenge, multiple choice"),
-    "mmlu": Task("mmlu", "accuracy", lambda d, s: readers.load_mmlu(d), score_multiple_choice,
+    "mmlu": Task("mmlu", "accuracy", lambda d, s: load_mmlu(d), score_multiple_choice,
                  "MMLU, 57 subjects, multiple choice"),
-    "gsm8k": Task("gsm8k", "accuracy", lambda d, s: readers.load_gsm8k(d), score_gsm8k,
+    "gsm8k": Task("gsm8k", "accuracy", lambda d, s: load_gsm8k(d), score_gsm8k,
                   "GSM8K grade-school math, 8-shot, final number"),
-    "math": Task("math", "accuracy", lambda d, s: readers.load_math(d), score_math,
+    "math": Task("math", "accuracy", lambda d, s: load_math(d), score_math,
                  "MATH competition problems, 4-shot, final expression"),
-    "humaneval": Task("humaneval", "pass@1", lambda d, s: readers.load_humaneval(d, s.humaneval_prompts),
+    "humaneval": Task("humaneval", "pass@1", lambda d, s: load_humaneval(d, s.humaneval_prompts),
                       score_humaneval, "HumanEval Python functions, tests run in a sandbox"),
 }
 
@@ -202,9 +204,9 @@ def _settings_used(task: Task, settings: TaskSettings) -> dict:
     if task.score is score_multiple_choice:
         used["scoring"] = settings.scoring
     if task.name == "gsm8k":
-        used["shots"] = len(prompts.GSM8K_SHOTS) if settings.shots is None else settings.shots
+        used["shots"] = len(GSM8K_SHOTS) if settings.shots is None else settings.shots
     if task.name == "math":
-        used["shots"] = len(prompts.MATH_SHOTS) if settings.shots is None else settings.shots
+        used["shots"] = len(MATH_SHOTS) if settings.shots is None else settings.shots
     if task.name == "humaneval":
         used.update(prompts=settings.humaneval_prompts, timeout_s=settings.timeout_s, memory_mb=settings.memory_mb)
     return used

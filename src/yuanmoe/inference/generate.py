@@ -4,14 +4,39 @@ The prompts are left-padded and prefilled in one forward: each pad gets position
 its own) and each prompt positions 0..n-1, so the model keeps pads out of attention and out of the
 LFA filter. Then one token per step goes through the preallocated cache; a sequence that finishes
 is dropped from the batch (`DecodeCache.reorder`), so the others never wait on dead rows.
+
+The values the model does not check in a decode step are checked here, from Python lists, before
+the first forward: every prompt id is in the vocabulary, and the budgets keep every position
+within the context and every token within the cache.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from ..model import DecodeCache
 from .sampling import BatchSampler, SamplingParams
+
+# Decode slots a batch's cache starts with beyond its prompts; it doubles whenever they run out (up
+# to what the budgets need). A decode step attends over every slot of the cache, so a cache sized
+# for the longest possible answer would make every step pay for keys that may never be written.
+FIRST_DECODE_SLOTS = 128
+
+
+def decode_step(model, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+    """One token per running sequence (tokens [rows, 1]) through the cache: next-token logits
+    [rows, vocab]. Nothing in it waits on a tensor's value, so it compiles to one graph."""
+    return model(tokens, cache=cache, logits_to_keep=1).logits[:, -1]
+
+
+@functools.cache
+def compiled_decode_step():
+    """`decode_step` through torch.compile (inductor), made on first use: importing the compiler
+    takes seconds, and compiling happens at the first call. Recompiles once when the batch or the
+    cache size first changes, after which those sizes are symbolic."""
+    return torch.compile(decode_step, fullgraph=True)
 
 
 class BatchDecoder:
@@ -20,10 +45,13 @@ class BatchDecoder:
     A sequence stops at a stop token (reason "stop"), after its max_new_tokens or at the end of the
     model's context ("length"), or when the caller ends it with `finish()` (a stop string, a client
     that went away). Finished sequences leave the batch before the next forward.
+
+    `compile=True` runs the decode steps through `compiled_decode_step()` (the first one compiles);
+    the prefill stays eager.
     """
 
     def __init__(self, model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 stop_token_ids: tuple[int, ...] | None = None):
+                 stop_token_ids: tuple[int, ...] | None = None, compile: bool = False):
         if not prompts:
             raise ValueError("no prompts to decode")
         if isinstance(params, SamplingParams):
@@ -34,7 +62,9 @@ class BatchDecoder:
         context = config.max_position_embeddings
         for ids in prompts:
             check_prompt_length(len(ids), context)
+            check_token_ids(ids, config.vocab_size)
         self.model = model
+        self._decode_step = compiled_decode_step() if compile else decode_step
         self.stop_token_ids = (set(stop_token_ids) if stop_token_ids is not None
                                else {config.eod_token_id})
         self.budgets = [min(p.max_new_tokens, context - len(ids)) for p, ids in zip(params, prompts)]
@@ -45,11 +75,14 @@ class BatchDecoder:
         self.sampler = BatchSampler(params, prompts, config.vocab_size, device)
 
         width = max(len(ids) for ids in prompts)
-        slots = width + max(self.budgets)
+        self.slots_needed = width + max(self.budgets)
         # Slots count left padding too, so a batch may need more slots than the context has positions;
         # the positions themselves stay within the context (checked above), so size the cache by slots.
-        cache_config = config if slots <= context else config.replace(max_position_embeddings=slots)
-        self.cache = DecodeCache(cache_config, len(prompts), slots, model.dtype, device)
+        cache_config = (config if self.slots_needed <= context
+                        else config.replace(max_position_embeddings=self.slots_needed))
+        self.cache = DecodeCache(cache_config, len(prompts), min(self.slots_needed, width + FIRST_DECODE_SLOTS),
+                                 model.dtype, device)
+        self.slots_written = width
         input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
         positions = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, ids in enumerate(prompts):
@@ -58,7 +91,7 @@ class BatchDecoder:
         with torch.inference_mode():
             self._logits = model(input_ids.to(device), position_ids=positions.to(device),
                                  cache=self.cache, logits_to_keep=1).logits[:, -1]
-        self._last_tokens: list[int] | None = None
+        self._last_tokens: torch.Tensor | None = None  # [rows, 1] the tokens chosen at the last step
 
     @property
     def done(self) -> bool:
@@ -76,16 +109,19 @@ class BatchDecoder:
         if not self.rows:
             return []
         if self._last_tokens is not None:
-            ids = torch.tensor(self._last_tokens, dtype=torch.long, device=self.model.device).unsqueeze(1)
-            self._logits = self.model(ids, cache=self.cache, logits_to_keep=1).logits[:, -1]
-        tokens = self.sampler(self._logits).tolist()
+            if self.slots_written == self.cache.max_len:
+                self.cache.grow(min(2 * self.cache.max_len, self.slots_needed))
+            self._logits = self._decode_step(self.model, self._last_tokens, self.cache)
+            self.slots_written += 1
+        chosen = self.sampler(self._logits)
+        tokens = chosen.tolist()
         for seq, token in zip(self.rows, tokens):
             self.generated[seq].append(token)
             if token in self.stop_token_ids:
                 self.finish(seq, "stop")
             elif len(self.generated[seq]) >= self.budgets[seq]:
                 self.finish(seq, "length")
-        self._last_tokens = tokens
+        self._last_tokens = chosen.unsqueeze(1)
         return list(zip(self.rows, tokens))
 
     def _drop_finished(self) -> None:
@@ -97,7 +133,7 @@ class BatchDecoder:
         self.sampler.keep(index)
         self._logits = self._logits[index]
         if self._last_tokens is not None:
-            self._last_tokens = [self._last_tokens[i] for i in keep]
+            self._last_tokens = self._last_tokens[index]
         if keep:
             self.cache.reorder(index)
 
@@ -108,6 +144,13 @@ def check_prompt_length(num_tokens: int, context: int) -> None:
     if num_tokens >= context:
         raise ValueError(f"the prompt has {num_tokens} tokens but the model's context is {context}; "
                          f"shorten it to at most {context - 1} tokens to leave room for an answer")
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> None:
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range for a vocabulary of {vocab_size}; "
+                         f"encode the prompt with the model's own tokenizer")
 
 
 def decode_tokens(model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],

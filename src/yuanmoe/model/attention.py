@@ -67,6 +67,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([rotated.to(x.dtype), x_pass], dim=-1)
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v. One query per row (a decode step) is a plain matmul and an
+    fp32 softmax, as in the official code: PyTorch's fused CPU kernel is 5-10x slower for a single
+    query (bf16, one thread, 8 rows x 4 heads x 192 keys: 476 vs 91 us; x 1024 keys: 2.9 vs 0.3 ms)."""
+    if mask is None or q.shape[2] != 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+    scores = (q @ k.transpose(-2, -1)).float() * q.shape[-1] ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype) @ v
+
+
 class LocalizedFilteringAttention(nn.Module):
     def __init__(self, config: YuanConfig, layer_idx: int):
         super().__init__()
@@ -83,20 +93,17 @@ class LocalizedFilteringAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
                 mask: torch.Tensor | None, cache: DecodeCache | None = None) -> torch.Tensor:
         """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend) or None for
-        plain causal attention over x alone."""
+        plain causal attention over x alone; with a cache the keys are all of its slots."""
         b, s, _ = x.shape
         heads = (b, s, self.num_heads, self.head_dim)
-        state = cache.lfa[self.layer_idx] if cache is not None and cache.length > 0 else None
+        # The state of an empty cache is zeros, unused: a first token has position 0 (keep False).
+        state = cache.lfa_state(self.layer_idx) if cache is not None else None
         f, new_state = self.lf_gate(x, keep, state)
         q = apply_rope(self.q_proj(f).view(heads).transpose(1, 2), *rope)
         k = apply_rope(self.k_proj(f).view(heads).transpose(1, 2), *rope)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         if cache is not None:
-            start, end = cache.length, cache.length + s
-            cache.lfa[self.layer_idx] = new_state
-            cache.k[self.layer_idx, :, :, start:end] = k
-            cache.v[self.layer_idx, :, :, start:end] = v
-            k = cache.k[self.layer_idx, :, :, :end]
-            v = cache.v[self.layer_idx, :, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            cache.update_lfa(self.layer_idx, new_state)
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import YuanConfig
-from ..routers import RouterOutput, build_router
+from ..routers import RouterOutput, build_router, expert_counts
 
 
 def _grouped_mm_supported(x: torch.Tensor) -> bool:
@@ -86,7 +86,7 @@ class FeedForward(nn.Module):
 def dispatch(expert_index: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort assignments by expert: returns the sorting permutation and the rows per expert [E]."""
     order = torch.argsort(expert_index, stable=True)
-    counts = torch.bincount(expert_index, minlength=num_experts)
+    counts = expert_counts(expert_index, num_experts)
     return order, counts
 
 

@@ -6,13 +6,13 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import YuanConfig
 from ..routers import RouterOutput
 from .attention import LocalizedFilteringAttention, rope_cos_sin
 from .cache import DecodeCache
+from .loss import cross_entropy_mean
 from .moe import MoE, FeedForward
 from .norm import RMSNorm
 
@@ -42,17 +42,24 @@ class DecoderLayer(nn.Module):
         return h + y, None
 
 
-def attention_mask(position_ids: torch.Tensor, cache: DecodeCache | None) -> torch.Tensor:
-    """Bool mask [b, 1, s, keys]: causal, within each document (a document starts where the
-    position id is 0), and over the cache only to keys of the document still open."""
+def attention_mask(position_ids: torch.Tensor, cache: DecodeCache | None = None) -> torch.Tensor:
+    """Bool mask [b, 1, s, keys]: causal and within each document (a document starts where the
+    position id is 0). Without a cache the keys are the s tokens. With one they are all its slots,
+    the s tokens being written at `cache.slots(s)`: a token sees the new tokens of its document up
+    to itself and, while it continues the document the cache ended in, the keys `cache.valid` marks.
+    The shape does not depend on how full the cache is, so a decode step is the same every time."""
     b, s = position_ids.shape
-    doc = torch.cumsum(position_ids == 0, dim=1)  # [b, s]
-    causal = torch.ones(s, s, dtype=torch.bool, device=position_ids.device).tril()
-    mask = causal & (doc.unsqueeze(2) == doc.unsqueeze(1))
-    if cache is not None and cache.length > 0:
-        continues = (doc == 0).unsqueeze(2)  # query still in the document the cache ended in
-        past = cache.valid[:, : cache.length].unsqueeze(1) & continues
-        mask = torch.cat([past, mask], dim=2)
+    device = position_ids.device
+    doc = torch.cumsum(position_ids == 0, dim=1)  # [b, s]; 0 = continues the cache's open document
+    if cache is None:
+        causal = torch.ones(s, s, dtype=torch.bool, device=device).tril()
+        return (causal & (doc.unsqueeze(2) == doc.unsqueeze(1))).unsqueeze(1)
+    offset = torch.arange(cache.max_len, device=device) - cache.length  # [keys] index among the new tokens
+    new = (offset >= 0) & (offset < s)
+    key_doc = torch.where(new, doc[:, offset.clamp(0, s - 1)], 0)  # [b, keys]; 0 for earlier keys
+    causal = offset <= torch.arange(s, device=device).unsqueeze(1)  # [s, keys]
+    # cache.valid is False beyond the written slots, so earlier keys are the only ones it admits.
+    mask = causal & (new | cache.valid).unsqueeze(1) & (key_doc.unsqueeze(1) == doc.unsqueeze(2))
     return mask.unsqueeze(1)
 
 
@@ -96,26 +103,23 @@ class YuanForCausalLM(nn.Module):
                 output_router: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """input_ids [b, s]. position_ids [b, s] restart at 0 where a packed document starts; the
         model then neither attends nor filters across the boundary. With a cache, the tokens
-        continue each row's sequence. labels [b, s] (HF style, shifted inside, -100 ignored)."""
+        continue each row's sequence. labels [b, s] (HF style, shifted inside, -100 ignored).
+
+        A decode step (a cache and one token per row) never waits on the values of its tensors, so
+        it compiles to one graph; its callers keep ids, positions and cache slots in range (the
+        generation engine checks prompts and budgets up front). Every other call checks them here."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        if logits_to_keep > 0 and labels is not None:
+            raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
         b, s = input_ids.shape
-        vocab = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
-            raise ValueError(f"token id {bad} is out of range for a vocabulary of {vocab}")
-        if cache is not None and cache.length + s > cache.max_len:
-            raise ValueError(f"sequence of {cache.length + s} tokens exceeds the cache ({cache.max_len})")
-
+        plain = position_ids is None and cache is None  # one document per row: SDPA's causal kernel
         if position_ids is None:
             start = cache.next_position.unsqueeze(1) if cache is not None else 0
             position_ids = start + torch.arange(s, device=input_ids.device).expand(b, s)
-            mask = None if cache is None else attention_mask(position_ids, cache)
-        else:
-            mask = attention_mask(position_ids, cache)
-        if int(position_ids.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(position_ids.max())} is beyond the model's context "
-                             f"({self.config.max_position_embeddings} positions)")
+        if cache is None or s > 1:
+            self._check_inputs(input_ids, position_ids, cache)
+        mask = None if plain else attention_mask(position_ids, cache)
         keep = position_ids > 0
         rope = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_base)
 
@@ -125,34 +129,35 @@ class YuanForCausalLM(nn.Module):
             h, routing = layer(h, rope, keep, mask, cache)
             if routing is not None:
                 routings.append(routing)
+        if cache is not None:
+            cache.advance(position_ids)
         if logits_to_keep > 0:
-            if labels is not None:
-                raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
             h = h[:, -logits_to_keep:]
         logits = self.lm_head(self.norm(h))
-
-        if cache is not None:
-            doc = torch.cumsum(position_ids == 0, dim=1)
-            opened = doc[:, -1:] > 0
-            cache.valid[:, : cache.length] &= ~opened
-            cache.valid[:, cache.length: cache.length + s] = doc == doc[:, -1:]
-            cache.next_position = position_ids[:, -1] + 1
-            cache.length += s
 
         aux = torch.stack([r.aux_loss for r in routings]).sum() if routings else logits.new_zeros(())
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100) + aux
+            loss = cross_entropy_mean(logits[:, :-1], labels[:, 1:]) + aux
         return CausalLMOutput(logits, loss, aux, routings if output_router else [])
+
+    def _check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      cache: DecodeCache | None = None) -> None:
+        """Token ids within the vocabulary, positions within the context, the tokens within the
+        cache: one host synchronisation for all three."""
+        if input_ids.numel() == 0:
+            return
+        vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        written = cache.length if cache is not None else input_ids.new_zeros((), dtype=torch.long)
+        low, high, last, used = torch.stack([input_ids.min().long(), input_ids.max().long(),
+                                             position_ids.max().long(), written + input_ids.shape[1]]).tolist()
+        if low < 0 or high >= vocab:
+            raise ValueError(f"token id {low if low < 0 else high} is out of range for a vocabulary of {vocab}")
+        if last >= context:
+            raise ValueError(f"position {last} is beyond the model's context ({context} positions)")
+        if cache is not None and used > cache.max_len:
+            raise ValueError(f"sequence of {used} tokens exceeds the cache ({cache.max_len})")
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> DecodeCache:
         return DecodeCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
                            self.dtype, self.device)
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
-                 **kwargs) -> torch.Tensor:
-        """Full sequences [batch, prompt + new] decoded with the incremental cache."""
-        from ..inference.generate import generate
-
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from ..config import YuanConfig
+from ..config import ROUTERS, YuanConfig
 from .attention_router import AttentionRouter
-from .balancing import load_balancing_loss, router_z_loss, update_expert_bias
-from .base import Router, RouterOutput
+from .balancing import expert_counts, load_balancing_loss, router_z_loss
+from .base import Router, RouterOutput, update_expert_bias
 from .expert_choice import ExpertChoiceOutput, ExpertChoiceRouter
 from .linear_router import LinearRouter
 from .noisy_topk import NoisyTopKRouter
 from .shared import shared_expert_config
 from .stats import coselection_matrix, layer_stats, routing_stats
 
+# config.ROUTERS is the one list of router names (the config validates against it without importing
+# this package); each name maps to its class here, in the same order.
 ROUTER_CLASSES: dict[str, type[Router]] = {
     "attention": AttentionRouter,
     "linear": LinearRouter,
     "noisy_topk": NoisyTopKRouter,
     "expert_choice": ExpertChoiceRouter,
 }
+if tuple(ROUTER_CLASSES) != ROUTERS:
+    raise ImportError(f"config.ROUTERS {ROUTERS} and the router classes {tuple(ROUTER_CLASSES)} name different "
+                      f"routers; add the new router to both")
 
 
 def build_router(config: YuanConfig) -> Router:
@@ -34,5 +39,6 @@ def build_router(config: YuanConfig) -> Router:
 
 
 __all__ = ["AttentionRouter", "ExpertChoiceOutput", "ExpertChoiceRouter", "LinearRouter", "NoisyTopKRouter",
-           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_matrix", "layer_stats",
-           "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config", "update_expert_bias"]
+           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_matrix", "expert_counts",
+           "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config",
+           "update_expert_bias"]

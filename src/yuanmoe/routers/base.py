@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .balancing import load_balancing_loss, router_z_loss
+from .balancing import expert_counts, load_balancing_loss, router_z_loss
 
 
 @dataclass
@@ -30,7 +30,7 @@ class RouterOutput:
 
     @property
     def tokens_per_expert(self) -> torch.Tensor:
-        return torch.bincount(self.assignments()[1], minlength=self.num_experts)
+        return expert_counts(self.assignments()[1], self.num_experts)
 
 
 class Router(nn.Module):
@@ -109,3 +109,11 @@ class Router(nn.Module):
             return
         self.expert_bias += self.bias_update_rate * torch.sign(self.observed_load.mean() - self.observed_load)
         self.observed_load.zero_()
+
+
+def update_expert_bias(model: nn.Module) -> None:
+    """Apply the aux-loss-free bias update to every router in `model`; call once after each
+    optimizer step (after all gradient-accumulation micro-batches)."""
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.update_expert_bias()
