@@ -31,11 +31,11 @@ def worker(args) -> None:
     from yuanmoe.distributed import ParallelDims, build_mesh, init_distributed, parallelize
 
     torch.set_num_threads(1)
-    init_distributed()
+    device = init_distributed()
     dims = ParallelDims.parse(args.layout)
     torch.manual_seed(0)
     config = preset(args.preset)
-    pm = parallelize(YuanForCausalLM(config), build_mesh(dims), dims)
+    pm = parallelize(YuanForCausalLM(config), build_mesh(dims, device.type), dims)
     if args.bf16:
         pm.autocast_dtype = torch.bfloat16
     optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-4)

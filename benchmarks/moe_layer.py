@@ -4,7 +4,7 @@ Compares, in one process on the same inputs:
   grouped  - this project's MoE (router -> sort by expert -> grouped matmul -> combine)
   loop     - the official computation: a Python loop over experts (HF modeling file style)
   dense    - a dense SwiGLU FFN with the same active parameters (width top_k x ffn)
-and prints the time ratios. Usage: python benchmarks/moe_layer.py [--tokens 4096] [--dtype bf16]
+and prints the time ratios. Usage: python benchmarks/moe_layer.py [--tokens 4096] [--dtype bf16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from yuanmoe import preset
+from yuanmoe.device import add_device_options, resolve_device, resolve_dtype
 from yuanmoe.model.moe import MoE, FeedForward
 
 
@@ -37,11 +38,19 @@ def fwd_bwd(fn, x, grad, params) -> float:
     x.grad = None
     for p in params:
         p.grad = None
+    synchronize(x.device)
     t0 = time.perf_counter()
     out = fn(x)
     out = out[0] if isinstance(out, tuple) else out
     out.backward(grad)
+    synchronize(x.device)
     return time.perf_counter() - t0
+
+
+def synchronize(device: torch.device) -> None:
+    """GPU kernels run asynchronously: wait for them so the clock measures their work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def bench(fns: dict, x, grad, repeats: int, params) -> dict:
@@ -63,29 +72,34 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--experts", type=int, default=32)
     ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    add_device_options(ap, "weights and activations (default float32)", "float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    try:
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    except ValueError as exc:
+        ap.error(str(exc))
     torch.manual_seed(0)
     cfg = preset("yuan2-m32", hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
                  top_k=args.top_k, num_layers=1)
-    moe = MoE(cfg).to(dtype)
+    moe = MoE(cfg).to(device, dtype)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    dense = FeedForward(args.hidden, args.top_k * args.ffn).to(dtype)
-    x = torch.randn(args.tokens, args.hidden, dtype=dtype, requires_grad=True)
-    grad = torch.randn(args.tokens, args.hidden, dtype=dtype)
+    dense = FeedForward(args.hidden, args.top_k * args.ffn).to(device, dtype)
+    x = torch.randn(args.tokens, args.hidden, dtype=dtype, device=device, requires_grad=True)
+    grad = torch.randn(args.tokens, args.hidden, dtype=dtype, device=device)
 
     times = bench({"grouped": moe, "loop": lambda t: loop_forward(moe, t), "dense": dense}, x, grad, args.repeats,
                   [*moe.parameters(), *dense.parameters()])
     t_grouped, t_loop, t_dense = times["grouped"], times["loop"], times["dense"]
     flops = 6 * args.tokens * args.top_k * 3 * args.hidden * args.ffn  # fwd+bwd of the active expert matmuls
     print(f"MoE layer fwd+bwd: {args.tokens} tokens, hidden {args.hidden}, {args.experts} experts x FFN {args.ffn}, "
-          f"top-{args.top_k}, {args.dtype}, {torch.get_num_threads()} threads")
+          f"top-{args.top_k}, {args.dtype}, {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
+             f", {torch.get_num_threads()} threads"))
     for name, t in (("grouped", t_grouped), ("loop", t_loop), ("dense", t_dense)):
         print(f"  {name:8s} {t * 1e3:8.1f} ms   {flops / t / 1e9:7.1f} GFLOP/s")
     print(f"loop / grouped  = {t_loop / t_grouped:5.2f}x   (target >= 4x)")

@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -47,3 +52,46 @@ def model(bpe):
     config = preset("tiny", vocab_size=bpe.vocab_size, eod_token_id=bpe.eod_id, sep_token_id=bpe.sep_id,
                     pad_token_id=bpe.pad_id, initializer_range=0.3)
     return YuanForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def golden_with_tokenizer(tmp_path_factory):
+    """The golden checkpoint with a tokenizer: it has none, and its 512-token vocabulary is random,
+    so a 512-token BPE takes its place, the special ids moved to the BPE's (0, 1, 2). Only stop and
+    pad tokens read those ids; the weights are the golden ones."""
+    from yuanmoe.tokenizer import BPETokenizer
+
+    folder = tmp_path_factory.mktemp("golden") / "tiny-a"
+    folder.mkdir()
+    shutil.copy(GOLDEN / "model.safetensors", folder)
+    config = json.loads((GOLDEN / "config.json").read_text())
+    tokenizer = BPETokenizer.train((CORPUS / "tinyshakespeare.txt").read_text()[:20000].split("\n\n"),
+                                   vocab_size=config["vocab_size"])
+    ids = {"eod": tokenizer.eod_id, "sep": tokenizer.sep_id, "pad": tokenizer.pad_id}
+    config.update(eod_token=ids["eod"], eod_token_id=ids["eod"], bos_token_id=ids["eod"], eos_token_id=ids["eod"],
+                  sep_token=ids["sep"], sep_token_id=ids["sep"], pad_token_id=ids["pad"])
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer.save(folder)
+    return folder
+
+
+@contextmanager
+def running_server(app):
+    """`app` served by uvicorn on a free localhost port from a background thread; yields its URL."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

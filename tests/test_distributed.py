@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from yuanmoe import YuanForCausalLM, preset
-from yuanmoe.distributed import ParallelDims, export_checkpoint, load_checkpoint, save_checkpoint
+from yuanmoe.distributed import ParallelDims, load_checkpoint, save_checkpoint
 from yuanmoe.routers import update_expert_bias
 
 pytestmark = pytest.mark.distributed
@@ -158,7 +158,7 @@ def _worker(out_dir: Path, checkpoint_ws1: Path) -> None:
     from yuanmoe.distributed import build_mesh, init_distributed, parallelize
 
     torch.set_num_threads(1)
-    init_distributed(timeout_s=120)
+    init_distributed("cpu", timeout_s=120)
     if dist.get_world_size() == 4:
         results = _train_layouts(FOUR_RANK_LAYOUTS, out_dir)
     else:
@@ -262,8 +262,8 @@ def test_checkpoint_saved_in_one_process_resumes_at_two_ranks(run, reference):
     assert results["resumed_from_one_process"]["losses"] == pytest.approx(reference["losses"][SAVE_AT:], abs=1e-4)
 
 
-def test_exported_checkpoint_loads_as_a_single_file_model(run, tmp_path):
-    from yuanmoe.checkpoint import from_pretrained
+def test_run_checkpoint_loads_and_converts_as_a_single_file_model(run, tmp_path):
+    from yuanmoe.checkpoint import from_pretrained, save_pretrained
 
     out_dir, _ = run
     source = out_dir / f"fsdp_ep-step{SAVE_AT}"
@@ -271,8 +271,10 @@ def test_exported_checkpoint_loads_as_a_single_file_model(run, tmp_path):
     load_checkpoint(source, model)
     ids = global_batches()[0]
     expected = model(ids).logits
+    gathered = from_pretrained(source)  # a run checkpoint of 2 ranks, read directly
+    assert torch.allclose(gathered(ids).logits, expected, atol=1e-5)
     for fmt in ("native", "official"):
-        exported = from_pretrained(export_checkpoint(source, tmp_path / fmt, fmt=fmt))
+        exported = from_pretrained(save_pretrained(gathered, tmp_path / fmt, fmt=fmt))
         assert torch.allclose(exported(ids).logits, expected, atol=1e-5), fmt
     from yuanmoe.cli import main as cli_main
 
@@ -294,11 +296,10 @@ def _metrics(run_dir: Path) -> dict:
             "eval_loss": {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}}
 
 
-def test_yuan_train_on_two_ranks_follows_one_process_and_resumes_in_one(tmp_path):
-    import shutil
-
+def test_yuan_train_resumes_across_world_sizes_with_no_flag_and_time_limit_stops_every_rank(tmp_path):
+    """One run, continued 2 ranks -> 1 process -> 2 ranks, follows the loss curve of the same
+    command in one process; `--time-limit` ends the torchrun and single-process legs alike."""
     from conftest import CORPUS
-    from yuanmoe.checkpoint import from_pretrained
     from yuanmoe.cli import main as cli_main
     from yuanmoe.data import prepare_dataset
 
@@ -307,33 +308,66 @@ def test_yuan_train_on_two_ranks_follows_one_process_and_resumes_in_one(tmp_path
         (tmp_path / f"part{i}.txt").write_text(text[i * 1000: (i + 1) * 1000])
     prepare_dataset([str(tmp_path)], tmp_path / "data", train_tokenizer_vocab=320, heldout_fraction=0.2, workers=1,
                     progress=False)
-    common = ["train", "--data", str(tmp_path / "data"), "--max-steps", "4", "--batch-size", "4", "--seq-len", "32",
-              "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "2", "--save-every", "2", "--no-bf16",
+    common = ["train", "--data", str(tmp_path / "data"), "--max-steps", "5", "--batch-size", "4", "--seq-len", "32",
+              "--lr", "3e-3", "--warmup-steps", "2", "--eval-every", "1", "--save-every", "5", "--dtype", "float32",
               "--no-tensorboard"]
     new_run = ["--preset", "tiny", "--set", "max_position_embeddings=64"]
     assert cli_main(common + new_run + ["--out", str(tmp_path / "one")]) == 0
+    one = _metrics(tmp_path / "one")
 
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(torchrun + ["-m", "yuanmoe.cli"] + common + new_run + ["--out", str(tmp_path / "two"),
-                          "--dp", "2", "--ep", "2"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert sorted(two["loss"]) == [1, 2, 3, 4] and sorted(two["eval_loss"]) == [2, 4]
+    chain = str(tmp_path / "chain")
+    _torchrun(common + new_run + ["--out", chain, "--ep", "2", "--time-limit", "0"])  # stops after step 1
+    assert sorted(_metrics(tmp_path / "chain")["loss"]) == [1]
+    assert cli_main(common + ["--out", chain, "--resume", "--time-limit", "0"]) == 0  # one process: step 2
+    _torchrun(common + ["--out", chain, "--resume"])  # 2 ranks again: steps 3 to 5
+    got = _metrics(tmp_path / "chain")
+    assert sorted(got["loss"]) == sorted(got["eval_loss"]) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "chain" / "checkpoints").iterdir()) == [
+        "step-0000001", "step-0000002", "step-0000005"]
+    assert one["loss"][5] < one["loss"][1] - 0.1  # the curve moves, so following it means something
     for key in ("loss", "eval_loss"):
         for step in one[key]:
-            assert two[key][step] == pytest.approx(one[key][step], abs=1e-4), (key, step)
-    assert from_pretrained(tmp_path / "two" / "final").config.num_layers == 2
+            assert got[key][step] == pytest.approx(one[key][step], abs=1e-4), (key, step)
 
-    # Resume the 2-rank run from its step-2 checkpoint in one process (a world of one).
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "two", resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
-    proc = subprocess.run([sys.executable, "-m", "yuanmoe.cli"] + common + ["--out", str(resumed), "--dp", "1",
-                          "--resume"], env=env, capture_output=True, text=True, timeout=300)
+
+def test_init_under_torchrun_starts_from_the_given_weights(tmp_path, data_for_cli):
+    from yuanmoe.checkpoint import from_pretrained
+    from yuanmoe.cli import main as cli_main
+
+    base = ["train", "--data", str(data_for_cli), "--batch-size", "4", "--seq-len", "32", "--no-tensorboard",
+            "--dtype", "float32"]
+    assert cli_main(base + ["--preset", "tiny", "--set", "max_position_embeddings=64", "--max-steps", "2",
+                            "--out", str(tmp_path / "base")]) == 0
+    start = tmp_path / "base" / "checkpoints" / "step-0000002"
+    # A learning rate of zero keeps the weights: the torchrun run must have started from them.
+    _torchrun(base + ["--init", str(start), "--lr", "0", "--max-steps", "1", "--out", str(tmp_path / "tuned"),
+                      "--ep", "2"])
+    tuned = from_pretrained(tmp_path / "tuned" / "checkpoints" / "step-0000001").state_dict()
+    started = from_pretrained(start).state_dict()
+    assert started.keys() == tuned.keys()
+    assert all(torch.equal(tuned[k], v) for k, v in started.items())
+    fresh = YuanForCausalLM(from_pretrained(start).config).state_dict()
+    assert not torch.equal(fresh["layers.0.self_attn.q_proj.weight"], started["layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.fixture(scope="module")
+def data_for_cli(tmp_path_factory):
+    from conftest import CORPUS
+    from yuanmoe.data import prepare_dataset
+
+    root = tmp_path_factory.mktemp("cli-data")
+    (root / "text.txt").write_text((CORPUS / "tinyshakespeare.txt").read_text()[:4000])
+    prepare_dataset([str(root / "text.txt")], root / "data", train_tokenizer_vocab=320, heldout_fraction=0.2,
+                    workers=1, progress=False)
+    return root / "data"
+
+
+def _torchrun(args: list[str], ranks: int = 2) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               "-m", "yuanmoe.cli", *args]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    again = _metrics(resumed)
-    assert [again["loss"][s] for s in (3, 4)] == pytest.approx([one["loss"][s] for s in (3, 4)], abs=1e-4)
 
 
 def test_parallel_spec_parses_and_rejects_impossible_layouts():

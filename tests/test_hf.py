@@ -2,6 +2,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import yuanmoe
 from conftest import GOLDEN
 
 transformers = pytest.importorskip("transformers")
@@ -31,7 +32,7 @@ def test_auto_classes_load_official_folder(hf_model, golden):
 def test_generate_gives_the_projects_greedy_tokens(hf_model, golden):
     prompt = golden["gen_prompt"]
     out = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
-    assert torch.equal(out, hf_model.model.generate(prompt, max_new_tokens=20))
+    assert torch.equal(out, yuanmoe.generate(hf_model.model, prompt, max_new_tokens=20))
     assert torch.equal(out[:, prompt.shape[1]:], golden["gen_tokens"])
 
 
@@ -56,7 +57,7 @@ def test_generate_with_left_padding_matches_unpadded_rows(random_hf_model):
     mask[1, :5] = 0
     out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad)
     for row, prompt in zip(out, (long, short)):
-        assert torch.equal(row[-6:], model.model.generate(prompt[None], max_new_tokens=6)[0, -6:])
+        assert torch.equal(row[-6:], yuanmoe.generate(model.model, prompt[None], max_new_tokens=6)[0, -6:])
 
 
 def test_save_pretrained_writes_an_official_folder_auto_classes_reload(random_hf_model, tmp_path):
@@ -65,3 +66,12 @@ def test_save_pretrained_writes_an_official_folder_auto_classes_reload(random_hf
     assert '"model_type": "yuan"' in (tmp_path / "saved" / "config.json").read_text()
     for a, b in zip(random_hf_model.model.state_dict().values(), reloaded.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_dtype_and_device_map_follow_the_device_policy():
+    model = AutoModelForCausalLM.from_pretrained(GOLDEN, dtype="bfloat16", device_map="auto")
+    assert model.model.dtype == torch.bfloat16
+    assert model.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert YuanHFForCausalLM.from_pretrained(GOLDEN, device_map={"": "cpu"}).model.device.type == "cpu"
+    with pytest.raises(ValueError, match="this model runs on one device"):
+        YuanHFForCausalLM.from_pretrained(GOLDEN, device_map={"model.layers.0": "cpu", "model.layers.1": "cuda:0"})

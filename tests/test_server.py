@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
+
+from conftest import running_server
 
 MODEL_NAME = "tiny-test"
 CAP = 400
@@ -31,7 +30,7 @@ def checkpoint(checkpoint_dir):
 
     from yuanmoe.inference.commands import load
 
-    return load(Namespace(checkpoint=str(checkpoint_dir), dtype=None, quantize=None))
+    return load(Namespace(checkpoint=str(checkpoint_dir), device="cpu", dtype=None, quantize=None))
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +38,8 @@ def server(checkpoint):
     from yuanmoe.serving import create_app
 
     model, tokenizer = checkpoint
-    app = create_app(model, tokenizer, MODEL_NAME, max_tokens_cap=CAP, max_batch_size=4)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with running_server(create_app(model, tokenizer, MODEL_NAME, max_tokens_cap=CAP, max_batch_size=4)) as url:
+        yield url
 
 
 @pytest.fixture

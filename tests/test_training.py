@@ -14,8 +14,9 @@ from yuanmoe import preset
 from yuanmoe.checkpoint import from_pretrained
 from yuanmoe.cli import main as cli_main
 from yuanmoe.data import prepare_dataset
+from yuanmoe.distributed.parallel_model import ParallelModel
+from yuanmoe.inference.generate import generate
 from yuanmoe.training import TrainConfig, TrainingError, build_optimizer, learning_rate, train
-from yuanmoe.training import trainer as trainer_module
 from yuanmoe.training.trainer import config_for_data
 
 
@@ -39,7 +40,7 @@ def tiny(data_dir, **overrides):
 
 def run_config(data_dir, out, **overrides):
     settings = dict(max_steps=6, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=3, save_every=3,
-                    keep_last=5, bf16=False, tensorboard=False, progress=False)
+                    keep_last=5, dtype="float32", tensorboard=False, progress=False)
     return TrainConfig(data=str(data_dir), out=str(out), **{**settings, **overrides})
 
 
@@ -61,11 +62,11 @@ def test_tiny_model_overfits_a_short_text(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000
 
 
-def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     full = train(tiny(data_dir), run_config(data_dir, tmp_path / "full", grad_accum=2, fim_rate=0.5))
     # The same run, stopped by a SIGTERM during step 3 (it saves a checkpoint and returns), then resumed.
     interrupted = tmp_path / "interrupted"
-    original_step = trainer_module.train_step
+    original_step = ParallelModel.train_step
     calls = []
 
     def train_step_then_sigterm(*args):
@@ -75,11 +76,9 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
             signal.raise_signal(signal.SIGTERM)
         return out
 
-    trainer_module.train_step = train_step_then_sigterm
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(ParallelModel, "train_step", train_step_then_sigterm)
         stopped = train(tiny(data_dir), run_config(data_dir, interrupted, grad_accum=2, fim_rate=0.5))
-    finally:
-        trainer_module.train_step = original_step
     assert stopped.interrupted and stopped.step == 3 and stopped.checkpoint.name == "step-0000003"
     resumed = train(None, run_config(data_dir, interrupted, grad_accum=2, fim_rate=0.5), resume=True)
     assert [resumed.losses[s] for s in (4, 5, 6)] == [full.losses[s] for s in (4, 5, 6)]
@@ -94,7 +93,7 @@ def test_checkpoints_are_self_contained_and_only_the_last_k_kept(data_dir, tmp_p
     assert kept == ["step-0000003", "step-0000004"]
     model = from_pretrained(result.checkpoint)
     assert (result.checkpoint / "tokenizer.json").is_file()
-    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4).shape[1] <= 7
+    assert generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=4).shape[1] <= 7
     # A new run started from the checkpoint's weights (fine-tuning), with a zero learning rate, keeps them.
     tuned = train(None, run_config(data_dir, tmp_path / "tuned", max_steps=1, lr=0.0,
                                    init_from=str(result.checkpoint)))
@@ -123,7 +122,7 @@ def test_weight_decay_skips_norms_and_biases():
 
 def test_diverging_loss_stops_and_names_the_step(data_dir, tmp_path):
     with pytest.raises(TrainingError, match=r"at step \d+"):
-        train(tiny(data_dir), run_config(data_dir, tmp_path, lr=1e6, warmup_steps=1, max_steps=20, bf16=False))
+        train(tiny(data_dir), run_config(data_dir, tmp_path, lr=1e6, warmup_steps=1, max_steps=20))
 
 
 def test_bad_runs_fail_with_one_clear_sentence(data_dir, tmp_path, capsys):
@@ -157,7 +156,7 @@ def test_activation_checkpointing_gives_the_same_losses(data_dir, tmp_path):
     recomputed = train(tiny(data_dir), run_config(data_dir, tmp_path / "ckpt", max_steps=2,
                                                   activation_checkpointing=True))
     assert recomputed.losses == plain.losses
-    assert recomputed.checkpoint.joinpath("model.safetensors").is_file()
+    assert from_pretrained(recomputed.checkpoint).config.num_layers == 2
 
 
 def test_train_command_writes_checkpoint_metrics_and_tensorboard(data_dir, tmp_path, capsys):
@@ -168,6 +167,12 @@ def test_train_command_writes_checkpoint_metrics_and_tensorboard(data_dir, tmp_p
     assert from_pretrained(tmp_path / "checkpoints" / "step-0000002").config.num_layers == 2
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 2]
+    # The run checkpoint is what every command takes, as it is.
+    checkpoint = str(tmp_path / "checkpoints" / "step-0000002")
+    assert cli_main(["generate", checkpoint, "To be", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert cli_main(["convert", checkpoint, str(tmp_path / "native"), "--to", "native"]) == 0
+    assert torch.equal(from_pretrained(tmp_path / "native").state_dict()["lm_head.weight"],
+                       from_pretrained(checkpoint).state_dict()["lm_head.weight"])
 
 
 def test_aux_loss_free_bias_is_updated_by_the_trainer(data_dir, tmp_path):
@@ -176,3 +181,26 @@ def test_aux_loss_free_bias_is_updated_by_the_trainer(data_dir, tmp_path):
     biases = torch.stack([layer.mlp.router.expert_bias for layer in model.layers])
     # Each step moves a bias by at most the rate, towards the mean load.
     assert 0.0 < biases.abs().max().item() <= 0.03 + 1e-6
+
+
+def test_warmup_longer_than_the_run_is_clamped_with_a_note(data_dir, tmp_path, capsys):
+    train(tiny(data_dir), run_config(data_dir, tmp_path, max_steps=4, warmup_steps=100, eval_every=4))
+    assert "warming up for 1 steps instead" in capsys.readouterr().out
+    lrs = [r["lr"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    # Peak at the first step, then the cosine decay: an unclamped warm-up would still be climbing.
+    assert lrs[0] == pytest.approx(3e-3) and lrs == sorted(lrs, reverse=True) and lrs[-1] < 3e-3
+
+
+def test_train_options_are_generated_from_the_config_defaults():
+    from yuanmoe.cli import build_parser
+    from yuanmoe.training.config import train_config_from_args
+
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
+    assert train_config_from_args(args) == TrainConfig(data="d", out="o")
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--no-bf16", "--no-tensorboard",
+                                      "--activation-checkpointing", "--init", "ckpt", "--time-limit", "60"])
+    cfg = train_config_from_args(args)
+    assert (cfg.dtype, cfg.tensorboard, cfg.activation_checkpointing, cfg.init_from, cfg.time_limit_s) == \
+        ("float32", False, True, "ckpt", 60.0)
+    with pytest.raises(ValueError, match="float16 training needs loss scaling"):
+        TrainConfig(data="d", out="o", dtype="fp16")

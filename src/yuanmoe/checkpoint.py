@@ -1,5 +1,8 @@
 """Checkpoint folders: save a model in this project's format or the official one, load either.
 
+Run checkpoints (`checkpoints/step-N` of a training run, any world size) load here too: see
+distributed/checkpoint.py.
+
 Native format: `config.json` (YuanConfig JSON) + `model.safetensors` (this project's tensor names;
 the tied lm_head is not stored) + tokenizer files. Official format (Yuan2-M32-hf): official
 `config.json` (it has `model_type`) + tensors under official names, in `.safetensors` or `.bin`
@@ -29,6 +32,7 @@ from tqdm import tqdm
 from .config import ConfigError, YuanConfig
 from .convert.official import (CheckpointError, config_from_official, config_to_official, native_to_official,
                                official_layer_to_native, official_shared_to_native)
+from .device import resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 
 CONFIG_FILE = "config.json"
@@ -135,9 +139,17 @@ def load_config(path: str | Path) -> tuple[YuanConfig, str]:
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
                     device: str | torch.device = "cpu") -> YuanForCausalLM:
     """Load a native or official checkpoint folder; returns the model in eval mode. dtype None
-    keeps the dtype the weights are stored in."""
+    keeps the dtype the weights are stored in (names as `--dtype` takes them: float32, bf16...);
+    device is cpu, cuda, cuda:N or auto (CUDA when present), and the weights go straight there."""
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     folder = _checkpoint_folder(path)
     config, fmt = load_config(folder)
+    if (folder / ".metadata").is_file():  # a training run's checkpoint (DCP shards) of any world size
+        from .distributed.checkpoint import load_weights
+
+        model = YuanForCausalLM(config)
+        load_weights(folder, model)
+        return model.to(device=device, dtype=dtype).eval()
     weights = _WeightFiles(folder)
     model = empty_model(config)
     # Stand-ins with the parameters' shapes and no memory (a broadcast scalar), to learn the names
@@ -151,8 +163,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     else:
         optional = set()
     _check_names_and_shapes(weights, {k: tuple(v.shape) for k, v in expected.items()}, optional, folder)
-    dtype = _resolve_dtype(dtype) or weights.dtype_of("embed_tokens.weight" if fmt == "native"
-                                                      else "model.embed_tokens.weight")
+    dtype = dtype or weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight")
 
     groups: dict[int | None, list[str]] = {}
     for name in weights.names:
@@ -219,16 +230,6 @@ def _checkpoint_folder(path: str | Path) -> Path:
     if not (folder / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a checkpoint folder: it has no {CONFIG_FILE}")
     return folder
-
-
-def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(names)}")
-    return names[dtype]
 
 
 def _listing(names: list[str]) -> str:

@@ -1,6 +1,6 @@
 """`yuan convert SRC OUT --to official|native`: rewrite a checkpoint folder in either format.
 
-SRC is an official or native folder, or a distributed (torchrun) training checkpoint, which is
+SRC is an official or native folder, or a training run's checkpoint (any world size), which is
 gathered into one model first."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ from __future__ import annotations
 import argparse
 import re
 
-import torch
-
 from ..checkpoint import DEFAULT_MAX_SHARD_BYTES, FORMATS, from_pretrained, save_pretrained
+from ..device import add_device_options
 
 
 def parse_size(text: str) -> int:
@@ -25,14 +24,15 @@ def parse_size(text: str) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between the official and this project's format",
-                       description="Load SRC (official Yuan2-M32-hf folder, native folder, or a distributed "
-                                   "checkpoint of a torchrun run, any parallel layout) and write it to OUT in "
+                       description="Load SRC (official Yuan2-M32-hf folder, native folder, or a training run's "
+                                   "checkpoint of any world size and parallel layout) and write it to OUT in "
                                    "the chosen format; tokenizer files are carried over.")
     p.add_argument("src", help="checkpoint folder to read")
     p.add_argument("out", help="folder to write (replaced if it is a checkpoint folder already)")
     p.add_argument("--to", choices=FORMATS, required=True, help="format of OUT")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: keep the stored dtype, which makes the conversion exact)")
+    # The model is only read and written, so the CPU (and its memory) is the natural place for it.
+    add_device_options(p, "cast the weights (default: keep the stored dtype, which makes the conversion exact)",
+                       device_default="cpu")
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="largest weight file before sharding, e.g. 5GB (default 5GiB)")
     p.add_argument("--tokenizer", help="tokenizer to include (a tokenizer folder, checkpoint or tokenizer.model); "
@@ -43,14 +43,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..tokenizer import load_tokenizer
 
-    from ..distributed import gather_model, is_distributed_checkpoint
-
-    if is_distributed_checkpoint(args.src):
-        model = gather_model(args.src)
-        if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
-    else:
-        model = from_pretrained(args.src, dtype=args.dtype)
+    model = from_pretrained(args.src, dtype=args.dtype, device=args.device)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     else:

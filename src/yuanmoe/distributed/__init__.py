@@ -1,5 +1,5 @@
-"""Training on many processes with torch.distributed: FSDP2 / DDP, expert and pipeline parallel,
-and distributed checkpoints, all applied from outside the single-device model.
+"""Parallelism applied from outside the single-device model: FSDP2 / DDP, expert and pipeline
+parallel (a no-op in a world of one process), and the run checkpoints every world size reads.
 
 Names load on first use, so that `yuan` and `import yuanmoe.distributed` start without
 importing torch.distributed's pipelining and checkpoint machinery.
@@ -8,14 +8,13 @@ importing torch.distributed's pipelining and checkpoint machinery.
 import importlib
 
 _HOMES = {
-    "ParallelDims": "mesh", "build_mesh": "mesh", "default_device": "mesh", "init_distributed": "mesh",
+    "ParallelDims": "mesh", "build_mesh": "mesh", "init_distributed": "mesh",
     "ExpertParallelExperts": "expert_parallel", "all_to_all_bytes": "expert_parallel",
     "apply_expert_parallel": "expert_parallel",
     "ParallelModel": "parallel_model", "StepStats": "parallel_model", "parallelize": "parallel_model",
     "PipelineStageModule": "pipeline",
-    "export_checkpoint": "checkpoint", "gather_model": "checkpoint", "is_distributed_checkpoint": "checkpoint",
-    "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
-    "train_parallel": "train",
+    "Checkpointer": "checkpoint", "is_run_checkpoint": "checkpoint", "load_checkpoint": "checkpoint",
+    "load_weights": "checkpoint", "save_checkpoint": "checkpoint",
 }
 
 

@@ -1,11 +1,12 @@
-"""Distributed checkpoints with torch.distributed.checkpoint (DCP): every rank writes its own shards,
-in parallel, under the single-device parameter names and global shapes, so a checkpoint saved with
-one parallel layout loads into any other (or into a plain model in one process), and exports to a
-single-file native or official checkpoint.
+"""Run checkpoints, the one format a training run writes at any world size: torch.distributed.checkpoint
+(DCP) shards, every rank writing its own in parallel under the single-device parameter names and
+global shapes, so a checkpoint saved with one parallel layout loads into any other, into a plain
+model in one process, or through `from_pretrained` (and from there into every command).
 
-Folder layout: DCP's `.metadata` and `__<rank>_0.distcp` shards, `config.json` (YuanConfig) and
-`trainer_state.json` (whatever the caller passed as `extra`). Written under a temporary name and
-renamed, so a crash never leaves a half-written checkpoint.
+Folder layout: DCP's `.metadata` and `__<rank>_0.distcp` shards, `config.json` (YuanConfig),
+`trainer_state.json` (whatever the caller passed as `extra`) and, from the `Checkpointer`, the
+tokenizer files and `rng/rank-N.pt`. Written under a temporary name and renamed, so a crash never
+leaves a half-written checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,12 +24,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..config import YuanConfig
-from ..model import YuanForCausalLM
 from ..utils import atomic_write_text
 from .parallel_model import ParallelModel, _unwrap
 
+CHECKPOINTS = "checkpoints"
 CONFIG_FILE = "config.json"
 EXTRA_FILE = "trainer_state.json"
+RNG_DIR = "rng"
 
 
 def _model_and_config(model: ParallelModel | nn.Module) -> tuple[nn.Module, YuanConfig]:
@@ -114,9 +117,11 @@ def _dcp(operation, state: dict, path: Path, single_process: bool) -> None:
 
 
 def save_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None, extra: dict | None = None,
+                    add_files: Callable[[Path], None] | None = None) -> Path:
     """Save the model (and optimizer state) from every rank; all ranks must call it. `extra` is a
-    JSON-able dict (step, data position...) returned by `load_checkpoint`."""
+    JSON-able dict (step, data position...) returned by `load_checkpoint`. `add_files(folder)`, if
+    given, runs on every rank before the folder is published, to put more files in it."""
     path = Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     leader = not _distributed() or dist.get_rank() == 0
@@ -129,6 +134,10 @@ def save_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
     if optimizer is not None:
         state["optimizer"] = _optimizer_state(model, optimizer)
     _dcp(dcp.save, state, tmp, single_process=not _distributed())
+    if add_files is not None:
+        add_files(tmp)
+    if _distributed():
+        dist.barrier()
     if leader:
         _, config = _model_and_config(model)
         config.to_json(tmp / CONFIG_FILE)
@@ -141,10 +150,15 @@ def save_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
     return path
 
 
+def is_run_checkpoint(path: str | Path) -> bool:
+    """True for a folder written by `save_checkpoint` (DCP's .metadata beside a config.json)."""
+    return (Path(path) / ".metadata").is_file() and (Path(path) / CONFIG_FILE).is_file()
+
+
 def _check_folder(path: Path) -> None:
-    if not (path / ".metadata").is_file() or not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a distributed checkpoint (no .metadata or config.json); "
-                                f"give a checkpoints/step-N folder of a distributed run")
+    if not is_run_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a run checkpoint (no .metadata or config.json); "
+                                f"give a checkpoints/step-N folder of a training run")
 
 
 def load_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
@@ -167,23 +181,74 @@ def load_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
     return json.loads((path / EXTRA_FILE).read_text())
 
 
-def is_distributed_checkpoint(path: str | Path) -> bool:
-    """True for a folder written by `save_checkpoint` (torch.distributed.checkpoint's .metadata)."""
-    return (Path(path) / ".metadata").is_file()
-
-
-def gather_model(path: str | Path) -> YuanForCausalLM:
-    """The whole model of a distributed checkpoint, loaded into this process (eval mode)."""
+def load_weights(path: str | Path, model: nn.Module) -> None:
+    """Read the weights of a run checkpoint into a plain single-device `model` of its config, in this
+    process alone (no process group needed); the optimizer state is not read."""
     path = Path(path)
     _check_folder(path)
-    model = YuanForCausalLM(YuanConfig.from_json(path / CONFIG_FILE))
     _dcp(dcp.load, {"model": _model_state(model)}, path, single_process=True)
-    return model.eval()
 
 
-def export_checkpoint(path: str | Path, out: str | Path, fmt: str = "native", tokenizer=None) -> Path:
-    """Gather a distributed checkpoint into one model in this process and write it as a
-    `save_pretrained` folder (native or official format), for inference and sharing."""
-    from ..checkpoint import save_pretrained
+class Checkpointer:
+    """The run checkpoints of a training run: `run/checkpoints/step-NNNNNNN/`, the newest
+    `keep_last` kept.
 
-    return save_pretrained(gather_model(path), out, tokenizer=tokenizer, fmt=fmt)
+    A checkpoint holds the model and optimizer as DCP shards under single-device names (so it loads
+    at any world size and layout: 2 ranks -> 1 process -> 4 ranks), `config.json`, the tokenizer,
+    `trainer_state.json` (step, the run's settings, its layout) and every rank's RNG state in
+    `rng/`. `from_pretrained` and every command that takes a checkpoint read the folder as it is.
+    Written under a temporary name and renamed, so a crash never leaves a half-written one.
+    """
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, tokenizer=None):
+        self.root = Path(run_dir) / CHECKPOINTS
+        self.keep_last, self.tokenizer = keep_last, tokenizer
+
+    def all(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("step-*") if is_run_checkpoint(p)) if self.root.is_dir() else []
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: ParallelModel | nn.Module, optimizer: torch.optim.Optimizer,
+             state: dict) -> Path:
+        """Every rank calls it; `state` (JSON-able) comes back from `load`."""
+        rank = dist.get_rank() if _distributed() else 0
+
+        def add_files(folder: Path) -> None:
+            (folder / RNG_DIR).mkdir(exist_ok=True)
+            torch.save(_rng_state(), folder / RNG_DIR / f"rank-{rank}.pt")
+            if rank == 0 and self.tokenizer is not None:
+                self.tokenizer.save(folder)
+
+        world = dist.get_world_size() if _distributed() else 1
+        path = save_checkpoint(self.root / f"step-{step:07d}", model, optimizer,
+                               {**state, "step": step, "world_size": world}, add_files)
+        if rank == 0:
+            for old in self.all()[:-self.keep_last]:
+                shutil.rmtree(old)
+        return path
+
+    def load(self, path: Path, model: ParallelModel | nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+        """Restore weights and optimizer moments (any layout) and, at the world size the checkpoint
+        was saved with, this rank's RNG state; returns the saved state."""
+        state = load_checkpoint(path, model, optimizer)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        rng_file = Path(path) / RNG_DIR / f"rank-{rank}.pt"
+        if state.get("world_size") == world and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        return state
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from ..device import resolve_device
+
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -55,18 +57,23 @@ class ParallelDims:
     def __str__(self) -> str:
         return f"dp={self.dp},ep={self.ep},pp={self.pp}"
 
+    @classmethod
+    def for_world(cls, world_size: int, dp: int | None = None, ep: int | None = None,
+                  pp: int | None = None) -> "ParallelDims":
+        """The layout `yuan train --dp/--ep/--pp` asks for over `world_size` processes: dp defaults to
+        the processes left over by pp, so with no flag every process is a data-parallel rank."""
+        pp = pp or 1
+        if world_size % pp:
+            raise ValueError(f"pp ({pp}) must divide the number of processes ({world_size})")
+        return cls(dp=dp or world_size // pp, ep=ep or 1, pp=pp)
 
-def default_device() -> torch.device:
-    """The accelerator of this process (LOCAL_RANK picks the GPU under torchrun), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
 
-
-def init_distributed(timeout_s: float = 600.0) -> torch.device:
+def init_distributed(device: str | torch.device = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs) and return this
-    rank's device. A process started without torchrun forms a world of one."""
-    device = default_device()
+    rank's device (`device` as `--device` takes it; under torchrun `cuda` means the GPU of
+    LOCAL_RANK). A process started without torchrun forms a world of one, so the same training
+    code runs in one process and on many."""
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -78,16 +85,23 @@ def init_distributed(timeout_s: float = 600.0) -> torch.device:
     return device
 
 
-def build_mesh(dims: ParallelDims, device_type: str | None = None) -> DeviceMesh:
-    """A mesh named ('pp', 'dp_rep', 'ep') over all ranks; `dp_mesh` gives its data-parallel part."""
+_MESHES: dict[tuple, DeviceMesh] = {}
+
+
+def build_mesh(dims: ParallelDims, device_type: str = "cpu") -> DeviceMesh:
+    """A mesh named ('pp', 'dp_rep', 'ep') over all ranks; `dp_mesh` gives its data-parallel part.
+    Made once per layout and process group (a process that trains several models reuses it)."""
     if not dist.is_initialized():
         raise ValueError("distributed training needs a process group; launch with torchrun "
                          "(see docs/distributed.md)")
     if dims.world_size != dist.get_world_size():
         raise ValueError(f"{dims} needs dp * pp = {dims.world_size} processes, but {dist.get_world_size()} "
                          f"were launched; start it with torchrun --nproc_per_node {dims.world_size}")
-    device_type = device_type or default_device().type
-    return init_device_mesh(device_type, (dims.pp, dims.dp_replicas, dims.ep), mesh_dim_names=("pp", "dp_rep", "ep"))
+    key = (dims, device_type, id(dist.group.WORLD))
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device_type, (dims.pp, dims.dp_replicas, dims.ep),
+                                        mesh_dim_names=("pp", "dp_rep", "ep"))
+    return _MESHES[key]
 
 
 def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
@@ -26,6 +25,8 @@ from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
 
 from ..data.packed import IGNORE_INDEX
+from ..device import autocast
+from ..model.loss import cross_entropy_sum
 from ..model.transformer import YuanForCausalLM
 from .expert_parallel import ExpertParallelExperts, all_to_all_bytes, apply_expert_parallel
 from .mesh import ParallelDims, dp_mesh
@@ -91,7 +92,7 @@ class ParallelModel:
         return {k: v[first: first + rows].to(self.device) for k, v in batch.items()}
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return autocast(self.device, self.autocast_dtype)
 
     # ----------------------------------------------------------------- one step
     def train_step(self, batches: list[dict[str, torch.Tensor]]) -> StepStats:
@@ -102,7 +103,7 @@ class ParallelModel:
         same global batch. Gradients accumulate into .grad as with loss.backward()."""
         batches = [self.local_rows(b) for b in batches]
         num_targets = torch.tensor(float(sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches)))
-        dist.all_reduce(num_targets, group=self.dp_group)
+        _all_reduce(num_targets, self.dp_group)
         # Data parallel averages the ranks' gradients; undo that for a sum over the global batch.
         self._loss_scale = self.dims.dp / max(1.0, float(num_targets))
         load_before = [buffer.clone() for buffer in self._expert_load_buffers()]
@@ -112,8 +113,8 @@ class ParallelModel:
             ce_sum, aux, load = self._pipeline_step(batches)
         self._sum_expert_load(load_before)
         totals = torch.stack([ce_sum.double().cpu(), aux.double().cpu()])
-        dist.all_reduce(totals, group=self.dp_group)
-        dist.all_reduce(load, group=self.dp_group)
+        _all_reduce(totals, self.dp_group)
+        _all_reduce(load, self.dp_group)
         return StepStats(float(totals[0] / max(1.0, float(num_targets))), float(totals[1] / self.dims.dp),
                          load.tolist())
 
@@ -122,7 +123,7 @@ class ParallelModel:
         for batch in batches:
             with self._autocast():
                 out = self.module(batch["input_ids"], position_ids=batch.get("position_ids"), output_router=True)
-            ce_sum = _cross_entropy_sum(out.logits, batch["targets"])
+            ce_sum = cross_entropy_sum(out.logits, batch["targets"])
             aux = out.aux_loss / len(batches)
             (ce_sum * self._loss_scale + aux).backward()
             ce_total += ce_sum.detach().cpu()
@@ -131,7 +132,7 @@ class ParallelModel:
         return ce_total, aux_total, torch.stack(loads).sum(0)
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return _cross_entropy_sum(logits, targets) * self._loss_scale
+        return cross_entropy_sum(logits, targets) * self._loss_scale
 
     def _pipeline_inputs(self, batches):
         input_ids = torch.cat([b["input_ids"] for b in batches])
@@ -179,13 +180,13 @@ class ParallelModel:
             if self.stage is None:
                 with self._autocast():
                     logits = self.module(local["input_ids"], position_ids=local.get("position_ids")).logits
-                ce_sum = _cross_entropy_sum(logits, local["targets"]).double().cpu()
+                ce_sum = cross_entropy_sum(logits, local["targets"]).double().cpu()
             else:
                 ce_sum, _, _ = self._run_pipeline(self._schedule.eval, [local])
         finally:
             self.module.train(was_training)
         totals = torch.stack([ce_sum, (local["targets"] != IGNORE_INDEX).sum().double().cpu()])
-        dist.all_reduce(totals, group=self.dp_group)
+        _all_reduce(totals, self.dp_group)
         return float(totals[0]), int(totals[1])
 
     def _expert_load_buffers(self) -> list[torch.Tensor]:
@@ -198,7 +199,7 @@ class ParallelModel:
         stay equal on all data-parallel ranks."""
         for buffer, old in zip(self._expert_load_buffers(), before):
             step_load = buffer - old
-            dist.all_reduce(step_load, group=self.dp_group)
+            _all_reduce(step_load, self.dp_group)
             buffer.copy_(old + step_load)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -215,7 +216,7 @@ class ParallelModel:
                     continue  # counted on the first stage
             copies = 1 if isinstance(p.grad, DTensor) or name in self.expert_fqns else self.dims.dp
             squares += grad.double().pow(2).sum() / copies
-        dist.all_reduce(squares)
+        _all_reduce(squares)
         norm = squares.sqrt().float()
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         for grad in grads:
@@ -226,8 +227,11 @@ class ParallelModel:
         return all_to_all_bytes(self.module, reset)
 
 
-def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+def _all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> None:
+    """Sum over the group's ranks in place; nothing to do (and no collective) for a group of one,
+    which is how a single-process run goes through this same code at no cost."""
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
 
 
 def _routed_tokens(per_layer: list[torch.Tensor]) -> torch.Tensor:

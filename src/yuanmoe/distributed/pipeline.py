@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
+from ..device import autocast
 from ..model.attention import rope_cos_sin
 from ..model.transformer import YuanForCausalLM, attention_mask
 
@@ -95,7 +96,7 @@ class PipelineStageModule(nn.Module):
         mask = None if plain else attention_mask(position_ids, None)
         keep = position_ids > 0
         rope = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_base)
-        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with autocast(x.device, self.autocast_dtype):
             h = self.embed_tokens(x) if self.is_first else x
             for index, layer in self.layers.items():
                 h, routing = layer(h, rope, keep, mask)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..device import add_device_options
 from .readers import HUMANEVAL_PROMPT_STYLES
 from .tasks import MC_SCORINGS, TASKS
 
 # The official benchmark files, beside the repository (where this project keeps its shared inputs).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "yuan" / "datasets"
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def register(subparsers) -> None:
@@ -24,8 +24,7 @@ def register(subparsers) -> None:
     common.add_argument("--limit", type=int, help="score only the first N problems (MMLU: round-robin over subjects) or documents")
     common.add_argument("--out", help="write the results as JSON to this file")
     common.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
-    common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    common.add_argument("--dtype", choices=DTYPES, help="load the weights in this dtype (default: as stored)")
+    add_device_options(common, "load the weights in this dtype (default: as stored)")
 
     for name, task in TASKS.items():
         p = tasks.add_parser(name, parents=[common], help=task.description, description=task.description)
@@ -66,15 +65,12 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_harness)
 
 def _load(args):
-    import torch
-
     from .lm import EvalModel
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return EvalModel.from_checkpoint(args.checkpoint, device=device, dtype=dtype, batch_size=args.batch_size)
+    return EvalModel.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
+                                     batch_size=args.batch_size)
 
 
 def _report(args, results: dict[str, dict]) -> int:

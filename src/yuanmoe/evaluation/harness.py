@@ -15,8 +15,6 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 
-import torch
-
 from .lm import EvalModel
 
 MODEL_NAME = "yuanmoe"
@@ -33,10 +31,8 @@ class HarnessModel:
         if lm is None:
             if pretrained is None:
                 raise ValueError("give the checkpoint folder: --model_args pretrained=CKPT")
-            if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-                raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-            lm = EvalModel.from_checkpoint(pretrained, device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                                           dtype=getattr(torch, dtype) if dtype else None,
+            # lm_eval's --device when given, else the commands' auto (CUDA when present).
+            lm = EvalModel.from_checkpoint(pretrained, device=device or "auto", dtype=dtype,
                                            batch_size=_batch_size(batch_size))
         self.lm = lm
         self.max_gen_toks = int(max_gen_toks)

@@ -30,9 +30,10 @@ class EvalModel:
         self.max_length = max_length or model.config.max_position_embeddings
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None,
-                        batch_size: int = 8) -> "EvalModel":
-        """A checkpoint folder that carries its tokenizer (ours or the official one)."""
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype | None = None, batch_size: int = 8) -> "EvalModel":
+        """A checkpoint folder that carries its tokenizer (ours or the official one); device and
+        dtype as from_pretrained takes them (auto, cuda:1, bfloat16, ...)."""
         from ..checkpoint import from_pretrained
         from ..tokenizer import load_tokenizer
 

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 
 from ..data import load_meta
+from ..device import add_device_options
 from .corpus import prepare_corpus
 from .suites import (DEFAULT, PAPER_TABLE1, PAPER_TABLE2, QUICK, ROUTER_VARIANTS, Scale, base_config,
                      check_matched_parameters, expert_variants, router_variants, run_suite)
@@ -30,6 +31,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-code-corpus", action="store_true",
                    help="leave out the default code corpus (the Python standard library's source)")
     p.add_argument("--prepared", type=Path, help="train on a folder made by `yuan data prepare` instead")
+    add_device_options(p, "autocast dtype of training (default bfloat16)", "bfloat16")
     for field in dataclasses.fields(Scale):
         p.add_argument("--" + field.name.replace("_", "-"), type=float if field.type == "float" else int,
                        help=f"override the scale (quick {getattr(QUICK, field.name)}, "
@@ -74,7 +76,7 @@ def run_routers(args) -> int:
     check_matched_parameters(variants)
     baseline = "linear" if "linear" in variants else next(iter(variants))
     rows = run_suite(args.out, "Routers at equal parameters (paper Table 1, small scale)", variants, scale, data,
-                     baseline, PAPER_TABLE1, "paper (Table 1)", command_line(args))
+                     baseline, PAPER_TABLE1, "paper (Table 1)", command_line(args), args.device, args.dtype)
     print_summary(args.out, rows)
     return 0
 
@@ -87,7 +89,8 @@ def run_experts(args) -> int:
     base = base_config(scale, meta).replace(router=args.router)
     variants = expert_variants(base, args.expert_counts)
     rows = run_suite(args.out, "Expert count at equal active parameters (paper Table 2, small scale)", variants,
-                     scale, data, next(iter(variants)), PAPER_TABLE2, "paper (Table 2)", command_line(args))
+                     scale, data, next(iter(variants)), PAPER_TABLE2, "paper (Table 2)", command_line(args),
+                     args.device, args.dtype)
     print_summary(args.out, rows)
     return 0
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import YuanConfig
+from ..config import ROUTERS, YuanConfig
 from ..routers import shared_expert_config
 from ..utils import atomic_write_text
 from .corpus import open_dataset
@@ -18,7 +18,7 @@ from .runner import Budget, train_variant
 # Test loss in the paper (Yuan 2.0-M32 report): Table 1 at 8 experts, 30B tokens; Table 2 at top-2, 50B tokens.
 PAPER_TABLE1 = {"attention": 2.109, "linear": 2.117, "shared": 2.117}
 PAPER_TABLE2 = {"8 experts": 1.820, "16 experts": 1.787, "32 experts": 1.754}
-ROUTER_VARIANTS = ("attention", "linear", "noisy_topk", "expert_choice", "shared")
+ROUTER_VARIANTS = (*ROUTERS, "shared")  # every router, and DeepSeekMoE's shared experts
 PARAMETER_TOLERANCE = 0.01  # router variants must match the first one's total parameters this closely
 
 
@@ -82,14 +82,15 @@ def check_matched_parameters(variants: dict[str, YuanConfig]) -> None:
 
 
 def run_suite(out: Path, title: str, variants: dict[str, YuanConfig], scale: Scale, data: Path, baseline: str,
-              paper: dict[str, float], paper_label: str, command: str) -> list[dict]:
+              paper: dict[str, float], paper_label: str, command: str, device: str = "auto",
+              dtype: str = "bfloat16") -> list[dict]:
     """Train every variant with every seed (reusing runs already in OUT/runs with the same settings)
     and write the report; returns its rows."""
     budget = Budget(steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len, lr=scale.lr,
                     eval_windows=scale.eval_windows)
     runs = []
     for seed in range(scale.seeds):
-        dataset = open_dataset(data, scale.seq_len, seed)
+        open_dataset(data, scale.seq_len, seed)  # one clear sentence when the held-out part is too short
         for name, config in variants.items():
             path = out / "runs" / f"{file_stem(name)}-seed{seed}.json"
             settings = {"config": config.to_dict(), "budget": dataclasses.asdict(budget), "data": str(data)}
@@ -98,9 +99,9 @@ def run_suite(out: Path, title: str, variants: dict[str, YuanConfig], scale: Sca
                 if {key: stored.get(key) for key in settings} == settings:
                     runs.append(stored)
                     continue
-            run = {**train_variant(name, config, dataset, budget, seed), "data": str(data)}
+            run = {**train_variant(name, config, data, budget, seed, path.with_suffix(""), device, dtype),
+                   "data": str(data)}
             atomic_write_text(path, json.dumps(run) + "\n")
             runs.append(run)
     runs.sort(key=lambda run: (list(variants).index(run["variant"]), run["seed"]))
     return write_results(out, title, runs, baseline, paper, paper_label, command)
-

@@ -1,7 +1,7 @@
-"""Training from scratch: the loop, the official optimizer recipe, metrics and checkpoints."""
+"""Training: the one loop (one process or torchrun), the official optimizer recipe, metrics."""
 
+from .config import TrainConfig
 from .optim import build_optimizer, learning_rate
-from .trainer import TrainConfig, TrainingError, TrainResult, latest_checkpoint, train
+from .trainer import TrainingError, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "build_optimizer", "latest_checkpoint", "learning_rate",
-           "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "build_optimizer", "learning_rate", "train"]

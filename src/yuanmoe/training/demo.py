@@ -23,7 +23,8 @@ import torch
 from ..config import preset
 from ..data import Source, prepare_dataset
 from ..info import model_stats
-from .trainer import TrainConfig, config_for_data, train
+from .config import TrainConfig
+from .trainer import config_for_data, train
 
 PROMPT = 'def read_lines(path):\n    """Return the lines of the file at path."""\n'
 # Parts of the standard library that are not representative library code (tests, IDLE, vendored data).
@@ -69,10 +70,11 @@ def demo_config(meta: dict):
 
 def run_demo(out: str | Path = "runs/demo", max_steps: int = 300, train_minutes: float = 3.5,
              corpus_bytes: int = 4_000_000, vocab_size: int = 4096, seq_len: int = 256, batch_size: int = 8,
-             new_tokens: int = 64, workers: int | None = None, progress: bool = True) -> dict:
+             new_tokens: int = 64, workers: int | None = None, progress: bool = True, device: str = "auto") -> dict:
     """Prepare the corpus, train for max_steps or train_minutes (whichever ends first, so a slow
     or busy machine still finishes in about five minutes), evaluate, sample a continuation."""
     from ..checkpoint import from_pretrained
+    from ..inference.generate import generate
     from ..tokenizer import load_tokenizer
 
     started = time.perf_counter()
@@ -92,16 +94,16 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int = 300, train_minutes:
     cfg = TrainConfig(data=str(data_dir), out=str(run_dir), max_steps=max_steps, batch_size=batch_size,
                       seq_len=seq_len, lr=1e-3, warmup_steps=max(1, max_steps // 15), eval_every=max(1, max_steps // 3),
                       eval_batches=4, save_every=max_steps, keep_last=1, log_every=1, time_limit_s=60 * train_minutes,
-                      progress=progress)
+                      progress=progress, device=device)
     result = train(config, cfg)
     if result.interrupted:
         return {"interrupted": True, "checkpoint": result.checkpoint}
 
-    model = from_pretrained(result.checkpoint)
+    model = from_pretrained(result.checkpoint, device=next(result.model.parameters()).device)
     tokenizer = load_tokenizer(result.checkpoint)
     prompt_ids = tokenizer.encode(PROMPT)
-    [generated] = model.generate([prompt_ids], max_new_tokens=new_tokens, do_sample=True, temperature=0.7,
-                                 top_k=40, seed=0)
+    [generated] = generate(model, [prompt_ids], max_new_tokens=new_tokens, do_sample=True, temperature=0.7,
+                           top_k=40, seed=0)
     continuation = tokenizer.decode(generated[len(prompt_ids):], skip_special_tokens=True)
     elapsed = time.perf_counter() - started
 
@@ -125,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000, help="how much standard library source to use")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     outcome = run_demo(args.out, max_steps=args.max_steps, train_minutes=args.train_minutes, corpus_bytes=args.corpus_bytes, seq_len=args.seq_len,
-                       batch_size=args.batch_size)
+                       batch_size=args.batch_size, device=args.device)
     return 130 if outcome["interrupted"] else 0
 
 

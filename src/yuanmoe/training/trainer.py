@@ -1,9 +1,15 @@
-"""The training loop: packed batches, bf16 autocast, gradient accumulation, clipping, the official
-schedule, held-out evaluation, atomic checkpoints that resume exactly, and clean stops.
+"""The training loop, the only one: for one process and for torchrun alike.
+
+Every run goes through `parallelize(model, mesh, dims)`, which wraps nothing in a world of one
+process (torchtitan's design), so the step, clipping, evaluation and checkpoints are the same
+code at every scale: packed batches, autocast on the run's device, gradient accumulation, the
+official schedule, held-out evaluation, run checkpoints that resume exactly at any world size,
+and clean stops (a signal or `--time-limit`, agreed on by all ranks).
 
 A run folder holds:
 
-    checkpoints/step-0000200/  config.json, model.safetensors, tokenizer, trainer_state.pt
+    checkpoints/step-0000200/  a run checkpoint (distributed/checkpoint.py): weights, optimizer,
+                               config, tokenizer, trainer state; `from_pretrained` loads it
     metrics.jsonl              one record per logged step (and per evaluation)
     tensorboard/               the same numbers for TensorBoard
     loss.png                   the loss curve, drawn at the end
@@ -13,8 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import random
-import shutil
 import signal
 import threading
 import time
@@ -23,19 +27,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from ..config import ConfigError, YuanConfig
-from ..data import IGNORE_INDEX, TokenDataset, load_meta
+from ..data import TokenDataset, load_meta
+from ..device import resolve_dtype
+from ..distributed.checkpoint import Checkpointer
+from ..distributed.mesh import ParallelDims, build_mesh, init_distributed
+from ..distributed.parallel_model import ParallelModel, parallelize
 from ..model import YuanForCausalLM
 from ..routers import update_expert_bias
+from .config import TrainConfig
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, learning_rate
-
-STATE_FILE = "trainer_state.pt"
-CHECKPOINTS = "checkpoints"
 
 
 class TrainingError(ValueError):
@@ -43,65 +50,34 @@ class TrainingError(ValueError):
 
 
 @dataclass
-class TrainConfig:
-    data: str
-    out: str
-    max_steps: int = 1000
-    batch_size: int = 8  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seq_len: int = 256
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    bf16: bool = True
-    activation_checkpointing: bool = False
-    fim_rate: float = 0.0
-    fim_spm_rate: float = 0.5
-    answer_only: bool = False
-    init_from: str | None = None  # a checkpoint whose weights a new run starts from (fine-tuning)
-    seed: int = 1234
-    log_every: int = 1
-    eval_every: int = 100
-    eval_batches: int = 4
-    save_every: int = 200
-    keep_last: int = 3
-    time_limit_s: float | None = None  # stop (evaluate, save) once training has run this long
-    tensorboard: bool = True
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_every",
-                     "save_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.fim_rate <= 1:
-            raise ValueError(f"the FIM rate must be between 0 and 1, got {self.fim_rate}")
-
-
-@dataclass
 class TrainResult:
     step: int  # optimizer steps done
-    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training loss, this process only
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training loss of the global batch
+    eval_losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss
     eval_loss: float | None = None  # last held-out loss
     checkpoint: Path | None = None
     interrupted: bool = False
+    model: nn.Module | None = None  # the trained model (this rank's share of it under torchrun)
 
 
 def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False) -> TrainResult:
     """Train `model_config` from scratch on cfg.data, start from the weights of cfg.init_from, or
-    continue the latest checkpoint in cfg.out. With a checkpoint `model_config` may be None; if
-    given it must match the checkpoint's architecture."""
+    continue the latest checkpoint in cfg.out (saved at any world size). With a checkpoint
+    `model_config` may be None; if given it must match the checkpoint's architecture. Launched by
+    torchrun, every rank calls this with the same arguments."""
     from ..tokenizer import load_tokenizer
 
+    device = init_distributed(cfg.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    leader = rank == 0
+    dims = ParallelDims.for_world(world, cfg.dp, cfg.ep, cfg.pp)
     run_dir, data_dir = Path(cfg.out), Path(cfg.data)
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
-    latest = latest_checkpoint(run_dir)
+    checkpointer = Checkpointer(run_dir, cfg.keep_last, tokenizer)
+    latest = checkpointer.latest()
     if resume and latest is None:
-        raise FileNotFoundError(f"--resume: {run_dir / CHECKPOINTS} holds no checkpoint to continue from")
+        raise FileNotFoundError(f"--resume: {checkpointer.root} holds no checkpoint to continue from")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
@@ -112,72 +88,84 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     check_data_matches(model_config, meta, data_dir)
     if cfg.seq_len > model_config.max_position_embeddings:
         raise ValueError(f"seq-len {cfg.seq_len} exceeds the model's context ({model_config.max_position_embeddings})")
+    warmup_steps = clamped_warmup(cfg, say=leader)
 
     torch.manual_seed(cfg.seed)
     model = YuanForCausalLM(model_config)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    step = 0
-    if resume:
-        step = load_checkpoint(latest, model, optimizer)
-    elif start_from is not None:
+    if start_from is not None and not resume:
         from ..checkpoint import from_pretrained
 
         model.load_state_dict(from_pretrained(start_from).state_dict())
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    pm = parallelize(model, build_mesh(dims, device.type), dims, data_parallel=cfg.data_parallel,
+                     schedule=cfg.pp_schedule)
+    if cfg.batch_size % pm.rows_multiple:
+        raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of {pm.rows_multiple}: each of the "
+                         f"{dims.dp} data-parallel ranks takes an equal share of every micro-batch"
+                         + (f", cut into {pm.microbatches} pipeline micro-batches" if dims.pp > 1 else ""))
+    pm.autocast_dtype = resolve_dtype(cfg.dtype)
+    optimizer = build_optimizer(pm, cfg.lr, cfg.weight_decay, cfg.betas)
+    step = checkpointer.load(latest, pm, optimizer)["step"] if resume else 0
     dataset = TokenDataset(data_dir, cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate,
                            fim_spm_rate=cfg.fim_spm_rate, answer_only=cfg.answer_only)
-    if dataset.num_valid_windows == 0:
+    if dataset.num_valid_windows == 0 and leader:
         tqdm.write(f"note: {data_dir} has no held-out window of {cfg.seq_len + 1} tokens; no held-out loss")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(run_dir, resume_step=step if resume else None, tensorboard=cfg.tensorboard)
-    result = TrainResult(step=step, checkpoint=latest if resume else None)
-    samples_per_step = cfg.batch_size * cfg.grad_accum
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="training", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    meter = Throughput(step, samples_per_step * cfg.seq_len)
+    if leader:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    log = MetricsLog(run_dir, resume_step=step if resume else None, tensorboard=cfg.tensorboard) if leader else None
+    result = TrainResult(step=step, checkpoint=latest if resume else None, model=pm.module)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="training" if world == 1 else f"training ({dims})",
+               unit="step", disable=not (cfg.progress and leader), dynamic_ncols=True)
+    meter = Throughput(step, cfg.samples_per_step * cfg.seq_len)
     try:
         with StopOnSignal() as stop:
             while step < cfg.max_steps:
-                lr, batches = begin_step(optimizer, dataset, cfg, step)
-                loss, aux, load = train_step(model, batches, cfg.bf16)
-                if not np.isfinite(loss):
-                    raise TrainingError(f"the training loss became {loss} at step {step + 1}; stopping before "
+                lr, batches = begin_step(optimizer, dataset, cfg, step, warmup_steps)
+                stats = pm.train_step(batches)
+                if not np.isfinite(stats.loss):
+                    raise TrainingError(f"the training loss became {stats.loss} at step {step + 1}; stopping before "
                                         f"it spoils the model (lower --lr, raise --warmup-steps, or resume "
                                         f"from the last checkpoint)")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                grad_norm = float(pm.clip_grad_norm_(cfg.grad_clip))
                 if not np.isfinite(grad_norm):
                     raise TrainingError(f"the gradient norm became {grad_norm} at step {step + 1}; stopping "
                                         f"before it spoils the model (lower --lr or resume from the last checkpoint)")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                update_expert_bias(model)
+                update_expert_bias(pm.module)
                 step += 1
-                result.step, result.losses[step] = step, loss
-                meter.add(load)
-                out_of_time = cfg.time_limit_s is not None and meter.elapsed() >= cfg.time_limit_s
+                result.step, result.losses[step] = step, stats.loss
+                meter.add(stats.expert_load)
+                # Ranks may see a signal, or reach the time limit, at different steps: stop together.
+                signalled, out_of_time = any_rank(stop.signum != 0, cfg.time_limit_s is not None
+                                                  and meter.elapsed() >= cfg.time_limit_s)
                 finished = step == cfg.max_steps or out_of_time
 
-                if step % cfg.log_every == 0 or finished or stop.signum:
-                    record = {"step": step, "loss": round(loss, 6), "lr": lr, "grad_norm": round(grad_norm, 6),
-                              **meter.take(step)}
+                if leader and (step % cfg.log_every == 0 or finished or signalled):
+                    record = {"step": step, "loss": round(stats.loss, 6), "lr": lr,
+                              "grad_norm": round(grad_norm, 6), **meter.take(step)}
                     if model_config.is_moe:
-                        record["aux_loss"] = round(aux, 6)
+                        record["aux_loss"] = round(stats.aux_loss, 6)
                     log.write(record)
-                    bar.set_postfix_str(f"loss {loss:.3f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}",
+                    bar.set_postfix_str(f"loss {stats.loss:.3f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}",
                                         refresh=False)
                 bar.update(1)
                 if dataset.num_valid_windows and (step % cfg.eval_every == 0 or finished):
-                    result.eval_loss = evaluate(model, dataset, cfg)
-                    log.write({"step": step, "eval_loss": round(result.eval_loss, 6)})
-                    bar.write(f"step {step}: held-out loss {result.eval_loss:.4f}")
-                if step % cfg.save_every == 0 or finished or stop.signum:
-                    state = trainer_state(step, optimizer, cfg, step * samples_per_step)
-                    result.checkpoint = save_checkpoint(run_dir, model, tokenizer, state, cfg.keep_last)
-                if stop.signum:
-                    bar.write(f"{signal.Signals(stop.signum).name} received: saved {result.checkpoint}; "
-                              f"continue with --resume")
+                    eval_loss = evaluate(pm, dataset, cfg)
+                    if eval_loss is not None:
+                        result.eval_loss = result.eval_losses[step] = eval_loss
+                        if leader:
+                            log.write({"step": step, "eval_loss": round(eval_loss, 6)})
+                            bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
+                if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
+                    state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
+                             "train_config": dataclasses.asdict(cfg)}
+                    result.checkpoint = checkpointer.save(step, pm, optimizer, state)
+                if signalled:
+                    bar.write("stop requested: " + (f"saved {result.checkpoint}; continue with --resume"
+                                                    if cfg.save else "not saved (checkpoints are off)"))
                     result.interrupted = True
                     break
                 if out_of_time:
@@ -185,9 +173,31 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                     break
     finally:
         bar.close()
-        log.close()
-    plot_loss(run_dir)
+        if log is not None:
+            log.close()
+    if leader:
+        plot_loss(run_dir)
     return result
+
+
+def clamped_warmup(cfg: TrainConfig, say: bool = True) -> int:
+    """The warm-up steps actually used: a warm-up as long as the run would never reach the peak
+    learning rate (nor decay from it), so it is cut to a tenth of the run, with a note."""
+    if cfg.warmup_steps < cfg.max_steps:
+        return cfg.warmup_steps
+    clamped = max(1, cfg.max_steps // 10)
+    if say:
+        tqdm.write(f"note: --warmup-steps {cfg.warmup_steps} is not shorter than the run ({cfg.max_steps} steps); "
+                   f"warming up for {clamped} steps instead")
+    return clamped
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank."""
+    values = torch.tensor([float(f) for f in flags])
+    if dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values]
 
 
 class Throughput:
@@ -217,11 +227,11 @@ class Throughput:
 
 
 
-def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int) -> tuple[float, list]:
+def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int, warmup_steps: int) -> tuple[float, list]:
     """Set the scheduled learning rate of optimizer step `step` (0-based) and return it with the
-    step's micro-batches: sample i of the data is a pure function of i, so a resumed run continues
-    with exactly the samples an uninterrupted one would have seen."""
-    lr = learning_rate(step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    step's global micro-batches: sample i of the data is a pure function of i, so a resumed run
+    continues with exactly the samples an uninterrupted one would have seen, at any world size."""
+    lr = learning_rate(step, cfg.lr, warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
         group["lr"] = lr
     first = step * cfg.batch_size * cfg.grad_accum
@@ -229,42 +239,28 @@ def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int) ->
                for m in range(cfg.grad_accum)]
     return lr, batches
 
-def train_step(model: YuanForCausalLM, batches: list[dict], bf16: bool) -> tuple[float, float, list[list[int]]]:
-    """Forward and backward over the micro-batches of one optimizer step. The cross entropy is
-    averaged over all the step's target tokens (not per micro-batch), so accumulation gives the
-    same gradient as one big batch. Returns (loss, aux loss, tokens per expert per layer)."""
-    model.train()
-    num_targets = max(1, sum(int((b["targets"] != IGNORE_INDEX).sum()) for b in batches))
-    total_ce, total_aux, load = 0.0, 0.0, None
-    for batch in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(batch["input_ids"], position_ids=batch["position_ids"], output_router=True)
-        ce_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                                 ignore_index=IGNORE_INDEX, reduction="sum")
-        aux = out.aux_loss / len(batches)
-        (ce_sum / num_targets + aux).backward()
-        total_ce += float(ce_sum.detach())
-        total_aux += float(aux.detach())
-        counts = [r.tokens_per_expert.tolist() for r in out.router_outputs]
-        load = counts if load is None else [[a + b for a, b in zip(x, y)] for x, y in zip(load, counts)]
-    return total_ce / num_targets, total_aux, load or []
-
-
 @torch.no_grad()
-def evaluate(model: YuanForCausalLM, dataset: TokenDataset, cfg: TrainConfig) -> float:
-    """Mean cross entropy per target token over a fixed, evenly spread set of held-out windows."""
-    model.eval()
-    count = min(dataset.num_valid_windows, cfg.eval_batches * cfg.batch_size)
-    indices = np.unique(np.linspace(0, dataset.num_valid_windows - 1, count).astype(np.int64))
+def evaluate(pm: ParallelModel, dataset: TokenDataset, cfg: TrainConfig) -> float | None:
+    """Mean cross entropy per target token over a fixed, evenly spread set of held-out windows, in
+    global batches of batch-size windows; a last partial batch is cut to a multiple of dp, or left
+    out under pipeline parallel (whose buffers keep the first batch's shape). None if none is left."""
+    indices = heldout_indices(dataset, cfg.eval_batches * cfg.batch_size)
+    unit = cfg.batch_size if pm.dims.pp > 1 else pm.rows_multiple
+    indices = indices[: len(indices) - len(indices) % unit]
+    if len(indices) == 0:
+        return None
     total, num_targets = 0.0, 0
     for lo in range(0, len(indices), cfg.batch_size):
-        batch = dataset.batch(indices[lo: lo + cfg.batch_size], valid=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = model(batch["input_ids"], position_ids=batch["position_ids"]).logits
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        num_targets += int((batch["targets"] != IGNORE_INDEX).sum())
+        ce_sum, targets = pm.eval_loss(dataset.batch(indices[lo: lo + cfg.batch_size], valid=True))
+        total += ce_sum
+        num_targets += targets
     return total / max(1, num_targets)
+
+
+def heldout_indices(dataset: TokenDataset, count: int) -> np.ndarray:
+    """`count` held-out windows spread evenly over all of the held-out data (each source in proportion)."""
+    total = dataset.num_valid_windows
+    return np.unique(np.linspace(0, total - 1, min(count, total)).astype(np.int64))
 
 
 def enable_activation_checkpointing(model: YuanForCausalLM) -> None:
@@ -275,49 +271,7 @@ def enable_activation_checkpointing(model: YuanForCausalLM) -> None:
         layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
 
 
-# --------------------------------------------------------------------------- checkpoints
-def trainer_state(step: int, optimizer: torch.optim.Optimizer, cfg: TrainConfig, samples_seen: int) -> dict:
-    return {
-        "step": step,
-        "samples_seen": samples_seen,
-        "optimizer": optimizer.state_dict(),
-        "train_config": dataclasses.asdict(cfg),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-    }
-
-
-def save_checkpoint(run_dir: Path, model: YuanForCausalLM, tokenizer, state: dict, keep_last: int) -> Path:
-    """checkpoints/step-NNNNNNN: a folder `from_pretrained` loads, plus the trainer state. Written
-    under a temporary name and renamed, so a crash never leaves a half-written checkpoint; only
-    the newest `keep_last` are kept."""
-    from ..checkpoint import save_pretrained
-
-    root = run_dir / CHECKPOINTS
-    final = root / f"step-{state['step']:07d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(model, tmp, tokenizer=tokenizer)
-    torch.save(state, tmp / STATE_FILE)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old)
-    return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).is_file())
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
+# --------------------------------------------------------------------------- starting points
 def checkpoint_config(path: Path, expected: YuanConfig | None) -> YuanConfig:
     """The checkpoint's config; if `expected` is given, it must describe the same architecture."""
     from ..checkpoint import load_config
@@ -329,19 +283,6 @@ def checkpoint_config(path: Path, expected: YuanConfig | None) -> YuanConfig:
         if differ:
             raise TrainingError(f"checkpoint {path} has another architecture: {'; '.join(differ)}")
     return config
-
-
-def load_checkpoint(path: Path, model: YuanForCausalLM, optimizer: torch.optim.Optimizer) -> int:
-    """Restore weights, optimizer moments and RNG states; returns the step to continue from."""
-    from ..checkpoint import from_pretrained
-
-    model.load_state_dict(from_pretrained(path).state_dict())
-    state = torch.load(path / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return int(state["step"])
 
 
 def check_data_matches(config: YuanConfig, meta: dict, data_dir: Path) -> None:
