@@ -135,6 +135,45 @@ def _expert_parallel_layer(group) -> dict:
     return {"diffs": {k: float(v) for k, v in diffs.items()}, "all_to_all_bytes": all_to_all_bytes(moe)}
 
 
+def _placement() -> dict:
+    """What each of the 2 ranks holds and feeds: its rows of a global batch (data parallel), its
+    shard of a parameter (FSDP), its experts (expert parallel), its layers (pipeline)."""
+    import torch.distributed as dist
+
+    from yuanmoe.distributed import build_mesh, parallelize
+
+    def gathered(value):
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+
+    rows = torch.arange(8).unsqueeze(1).expand(8, 4) * 10 + torch.arange(4)
+    batch = {"input_ids": rows, "targets": rows + 1}
+    result = {}
+    for name, dims in (("fsdp", ParallelDims(dp=2)), ("fsdp_ep", ParallelDims(dp=2, ep=2))):
+        pm = parallelize(tiny_model(), build_mesh(dims), dims)
+        local = pm.local_rows(batch)
+        result[f"{name}_rows"] = gathered({k: v.tolist() for k, v in local.items()})
+    dims = ParallelDims(dp=2)
+    pm = parallelize(tiny_model(), build_mesh(dims), dims)
+    q = dict(pm.named_parameters())["layers.0.self_attn.q_proj.weight"]
+    result["fsdp_shard"] = gathered({"local": q.to_local().numel(), "global": q.numel(),
+                                     "full_equal": bool(torch.equal(q.full_tensor(),
+                                                                    tiny_model().layers[0].self_attn.q_proj.weight))})
+    dims = ParallelDims(dp=2, ep=2)
+    pm = parallelize(tiny_model(), build_mesh(dims), dims)
+    w1 = dict(pm.named_parameters())["layers.0.mlp.experts.w1"]
+    w1 = w1.to_local() if hasattr(w1, "to_local") else w1
+    reference = tiny_model().layers[0].mlp.experts.w1
+    result["ep_experts"] = gathered({"count": w1.shape[0], "of": reference.shape[0],
+                                     "which": [e for e in range(reference.shape[0])
+                                               if any(torch.equal(w1[i], reference[e]) for i in range(w1.shape[0]))]})
+    dims = ParallelDims(pp=2)
+    pm = parallelize(tiny_model(), build_mesh(dims), dims)
+    result["pp_names"] = gathered(sorted(n for n, _ in pm.named_parameters()))
+    return result
+
+
 def _train_layouts(layouts: dict, out_dir: Path) -> dict:
     from yuanmoe.distributed import build_mesh, parallelize
 
@@ -163,6 +202,7 @@ def _worker(out_dir: Path, checkpoint_ws1: Path) -> None:
         results = _train_layouts(FOUR_RANK_LAYOUTS, out_dir)
     else:
         results = {"ep_layer": _expert_parallel_layer(build_mesh(ParallelDims(dp=2, ep=2))["ep"].get_group())}
+        results["placement"] = _placement()
         results.update(_train_layouts(TRAINING_LAYOUTS, out_dir))
         dims = ParallelDims(dp=2, ep=2)
         pm = parallelize(tiny_model(seed=7), build_mesh(dims), dims)  # other weights: the load must replace them
@@ -229,6 +269,40 @@ def test_expert_parallel_layer_matches_single_process_outputs_and_gradients(run)
     for what, diff in results["ep_layer"]["diffs"].items():
         assert diff <= 1e-5, f"{what} differs by {diff}"
     assert results["ep_layer"]["all_to_all_bytes"] > 0
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_ep"])
+def test_data_parallel_ranks_take_disjoint_halves_of_the_global_batch(run, layout):
+    _, results = run
+    per_rank = results["placement"][f"{layout}_rows"]
+    rows = [[ids[0] // 10 for ids in rank["input_ids"]] for rank in per_rank]
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7]]  # each rank its own half, in order: none trains on all 8
+    for rank, got in zip(rows, per_rank):
+        assert got["targets"] == [[10 * r + c + 1 for c in range(4)] for r in rank]  # targets follow their rows
+
+
+def test_fsdp_rank_holds_half_of_each_parameter(run):
+    _, results = run
+    shards = results["placement"]["fsdp_shard"]
+    assert [s["global"] for s in shards] == [128 * 64] * 2
+    assert [s["local"] for s in shards] == [128 * 64 // 2] * 2
+    assert all(s["full_equal"] for s in shards)
+
+
+def test_expert_parallel_rank_holds_its_half_of_the_experts(run):
+    _, results = run
+    experts = results["placement"]["ep_experts"]
+    assert [e["count"] for e in experts] == [4, 4] and all(e["of"] == 8 for e in experts)
+    assert [e["which"] for e in experts] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_pipeline_stage_holds_only_its_layers(run):
+    _, results = run
+    layers = [{n.split(".")[1] for n in names if n.startswith("layers.")} for names in results["placement"]["pp_names"]]
+    assert layers == [{"0"}, {"1"}]
+    first, last = results["placement"]["pp_names"]
+    assert "embed_tokens.weight" in first and not any(n.startswith("layers.1.") for n in first)
+    assert not any(n.startswith("layers.0.") for n in last)
 
 
 @pytest.mark.parametrize("layout", [*TRAINING_LAYOUTS, *FOUR_RANK_LAYOUTS])

@@ -256,3 +256,45 @@ def test_logits_to_keep_returns_the_last_positions_only():
     with torch.no_grad():
         full, last = model(ids).logits, model(ids, logits_to_keep=2).logits
     assert last.shape == (2, 2, 512) and torch.allclose(last, full[:, -2:], atol=1e-6)
+
+
+def test_localized_filter_on_a_hand_looped_example():
+    """f[t] = RMSNorm(c2[t] + x[t]) with c1[t] = A0 x[t-1] + A1 x[t] + b1 and c2[t] = B0 c1[t-1] + B1 c1[t] + b2,
+    computed token by token here (nothing before the first token): both convolutions must be there."""
+    from yuanmoe.model.attention import LocalizedFilter
+
+    torch.manual_seed(0)
+    h = 6
+    lf = LocalizedFilter(h, eps=1e-6)
+    x = torch.randn(1, 5, h)
+    with torch.no_grad():
+        got, state = lf(x, torch.tensor([[False, True, True, True, True]]))
+    a0, a1 = lf.conv1.weight[:, :h], lf.conv1.weight[:, h:]
+    b0, b1 = lf.conv2.weight[:, : h // 2], lf.conv2.weight[:, h // 2:]
+    want, c1_prev = [], torch.zeros(h // 2)
+    with torch.no_grad():
+        for t in range(5):
+            x_prev = x[0, t - 1] if t > 0 else torch.zeros(h)
+            c1 = a0 @ x_prev + a1 @ x[0, t] + lf.conv1.bias
+            c2 = b0 @ c1_prev + b1 @ c1 + lf.conv2.bias
+            y = c2 + x[0, t]
+            want.append(lf.norm.weight * y / torch.sqrt(y.pow(2).mean() + 1e-6))
+            c1_prev = c1
+    torch.testing.assert_close(got[0], torch.stack(want), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[0], x[0, -2:])  # the next token's filter inputs
+    assert (got[0] - lf.norm(x)[0]).abs().max() > 1e-2  # the filter is not the identity here
+
+
+def test_positions_matter_only_relative_to_each_other():
+    """RoPE: shifting every position by the same amount keeps the logits; moving one token away
+    from the others changes them (without RoPE, positions past the first would not matter)."""
+    model = tiny_model(initializer_range=0.2)
+    ids = torch.tensor([[5, 17, 42, 99, 7, 300]])
+    base = torch.arange(1, 7)[None]
+    with torch.no_grad():
+        logits = model(ids, position_ids=base).logits
+        shifted = model(ids, position_ids=base + 11).logits
+        gap = model(ids, position_ids=torch.tensor([[1, 2, 3, 4, 5, 16]])).logits
+    torch.testing.assert_close(shifted, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gap[:, :5], logits[:, :5], atol=1e-5, rtol=1e-5)
+    assert (gap[:, 5] - logits[:, 5]).abs().max() > 1e-2

@@ -42,6 +42,40 @@ def test_token_choice_router_contract(router, training):
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_top2_routing_mixes_two_experts_by_their_renormalized_probabilities(router):
+    """Top-2, not top-1: every token gets its two most probable experts, both weights > 0 and equal
+    to those probabilities renormalized, and the layer's output is the weighted sum of the two
+    experts' SwiGLU outputs, computed here expert by expert."""
+    moe = moe_for(router, top_k=2, norm_topk_prob=True).eval()
+    x = torch.randn(2, 6, 64)
+    with torch.no_grad():
+        out, routing = moe(x)
+    tokens = x.reshape(-1, 64)
+    assert routing.experts.shape == routing.weights.shape == (12, 2)
+    assert (routing.experts[:, 0] != routing.experts[:, 1]).all()
+    top2 = routing.probs.topk(2, dim=-1)
+    assert torch.equal(routing.experts.sort(-1).values, top2.indices.sort(-1).values)
+    assert (routing.weights > 1e-3).all(), "a second expert with weight 0 is top-1 routing"
+    torch.testing.assert_close(routing.weights.sum(-1), torch.ones(12))
+    chosen = routing.probs.gather(-1, routing.experts)
+    torch.testing.assert_close(routing.weights, chosen / chosen.sum(-1, keepdim=True))
+
+    w1, w2 = moe.experts.w1.detach(), moe.experts.w2.detach()
+    expected = torch.zeros_like(tokens)
+    for t in range(tokens.shape[0]):
+        for slot in range(2):
+            e = int(routing.experts[t, slot])
+            a, b = (w1[e] @ tokens[t]).chunk(2)
+            expected[t] += float(routing.weights[t, slot]) * (w2[e] @ (torch.nn.functional.silu(a) * b))
+    torch.testing.assert_close(out.reshape(-1, 64), expected, atol=1e-5, rtol=1e-4)
+    # Each expert's share matters: the output is not the first expert's alone.
+    first_only = torch.stack([
+        w2[int(e)] @ (torch.nn.functional.silu((w1[int(e)] @ tok).chunk(2)[0]) * (w1[int(e)] @ tok).chunk(2)[1])
+        for e, tok in zip(routing.experts[:, 0], tokens)])
+    assert (out.reshape(-1, 64) - first_only).abs().max() > 1e-3
+
+
 def test_routers_decide_in_fp32_under_bf16_autocast():
     moe = moe_for("attention")
     with torch.autocast("cpu", dtype=torch.bfloat16):

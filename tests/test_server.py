@@ -82,6 +82,29 @@ def test_completion_returns_text_and_usage(client, checkpoint):
     assert reply.usage.completion_tokens == len(expected.output_ids)
 
 
+def test_greedy_completion_equals_step_by_step_full_forward_without_cache(client, checkpoint):
+    """The server's cached decoding against the plainest reference: each next token is the argmax
+    of a full forward over the whole sequence so far, no cache (a cache that loses state fails this)."""
+    import torch
+
+    model, tokenizer = checkpoint
+    prompt, max_tokens = "KING RICHARD:\nNow is the winter", 16
+    ids = tokenizer.encode(prompt)
+    generated = []
+    with torch.inference_mode():
+        for _ in range(max_tokens):
+            logits = model(torch.tensor([ids + generated])).logits[0, -1]
+            generated.append(int(logits.argmax()))
+            if generated[-1] == model.config.eod_token_id:
+                break
+    assert len(set(generated)) > 4  # a continuation that depends on its context
+    reply = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.usage.completion_tokens == len(generated)
+    text = tokenizer.decode([i for i in generated if i != model.config.eod_token_id])
+    assert reply.choices[0].text == text
+
+
 def test_invalid_requests_get_clear_4xx_errors(client, server):
     with pytest.raises(openai.NotFoundError, match="the model 'gpt-4' does not exist"):
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)

@@ -159,6 +159,30 @@ def test_activation_checkpointing_gives_the_same_losses(data_dir, tmp_path):
     assert from_pretrained(recomputed.checkpoint).config.num_layers == 2
 
 
+def test_activation_checkpointing_recomputes_each_layer_in_the_backward_pass(data_dir, tmp_path, monkeypatch):
+    """With checkpointing each decoder layer's forward runs twice per micro-batch (the forward, then
+    its recomputation in the backward pass), without it once: a wrapper that does nothing fails this."""
+    from yuanmoe.model.transformer import DecoderLayer
+
+    calls = []
+    forward = DecoderLayer.forward
+
+    def counting_forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # training forwards and recomputations, not evaluation
+            calls.append(self.self_attn.layer_idx)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecoderLayer, "forward", counting_forward)
+    counts = {}
+    for name, on in (("plain", False), ("recomputed", True)):
+        calls.clear()
+        train(tiny(data_dir), run_config(data_dir, tmp_path / name, max_steps=1, grad_accum=2,
+                                         activation_checkpointing=on))
+        counts[name] = {layer: calls.count(layer) for layer in set(calls)}
+    assert len(counts["plain"]) == 2 and set(counts["plain"].values()) == {2}  # 2 layers, 2 micro-batches
+    assert counts["recomputed"] == {layer: 2 * n for layer, n in counts["plain"].items()}
+
+
 def test_train_command_writes_checkpoint_metrics_and_tensorboard(data_dir, tmp_path, capsys):
     code = cli_main(["train", "--preset", "tiny", "--set", "max_position_embeddings=64", "--data", str(data_dir),
                      "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--seq-len", "32",

@@ -1,0 +1,203 @@
+"""Deliberate breaks of the project, each of which some test must catch.
+
+    .venv/bin/python tests/mutations.py              # every mutation
+    .venv/bin/python tests/mutations.py temperature  # those whose name contains a word
+    .venv/bin/python tests/mutations.py --list
+
+Each mutation copies src/, tests/ and pyproject.toml to a temporary folder (with ../shared linked
+next to it, as the tests expect), replaces one piece of source text in the copy (a mutation whose
+text is no longer in the source is reported STALE, not skipped silently), runs the test files that
+guard it with `python -m pytest -q -x -p no:logging` on the copy (PYTHONPATH = the copy's src), and
+prints a table: the mutation, whether it was caught, and the tests that failed (with -x the first
+one; `--all` runs every guarding test and lists all that fail). Exits 1 if any
+mutation survives or is stale.
+
+Not a test module (its name does not match test_*.py): pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = (ROOT / ".." / "shared").resolve()
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files or node ids
+
+
+MUTATIONS = [
+    Mutation("router uses top-1 (weights forced to [1, 0])", "src/yuanmoe/routers/base.py",
+             "        output = RouterOutput(weights, experts, probs, logits, logits.new_zeros(()))",
+             "        weights = torch.cat([torch.ones_like(weights[:, :1]),"
+             " torch.zeros_like(weights[:, 1:])], dim=-1)\n"
+             "        output = RouterOutput(weights, experts, probs, logits, logits.new_zeros(()))",
+             ("tests/test_routers.py",)),
+    Mutation("LFA convolutions removed", "src/yuanmoe/model/attention.py",
+             "        return self.norm(c2 + x), new_state",
+             "        return self.norm(x), new_state",
+             ("tests/test_model.py", "tests/test_golden.py")),
+    Mutation("RoPE dropped", "src/yuanmoe/model/attention.py",
+             "        q = apply_rope(self.q_proj(f).view(heads).transpose(1, 2), *rope)\n"
+             "        k = apply_rope(self.k_proj(f).view(heads).transpose(1, 2), *rope)",
+             "        q = self.q_proj(f).view(heads).transpose(1, 2)\n"
+             "        k = self.k_proj(f).view(heads).transpose(1, 2)",
+             ("tests/test_model.py", "tests/test_golden.py")),
+    # The engine, server and HF tests must catch this on their own (the model cache tests did already).
+    Mutation("LFA cache state lost between decode steps (engine)", "src/yuanmoe/model/attention.py",
+             "            cache.update_lfa(self.layer_idx, new_state)",
+             "            cache.update_lfa(self.layer_idx, torch.zeros_like(new_state))",
+             ("tests/test_generation.py",)),
+    Mutation("LFA cache state lost between decode steps (server)", "src/yuanmoe/model/attention.py",
+             "            cache.update_lfa(self.layer_idx, new_state)",
+             "            cache.update_lfa(self.layer_idx, torch.zeros_like(new_state))",
+             ("tests/test_server.py",)),
+    Mutation("LFA cache state lost between decode steps (HF)", "src/yuanmoe/model/attention.py",
+             "            cache.update_lfa(self.layer_idx, new_state)",
+             "            cache.update_lfa(self.layer_idx, torch.zeros_like(new_state))",
+             ("tests/test_hf.py",)),
+    Mutation("sampling ignores temperature", "src/yuanmoe/inference/sampling.py",
+             "        logits = logits / temperature",
+             "        logits = logits / 1.0",
+             ("tests/test_sampling.py",)),
+    Mutation("sampling ignores top_k", "src/yuanmoe/inference/sampling.py",
+             "top_k = torch.tensor([p.top_k or vocab for p in params]",
+             "top_k = torch.tensor([vocab for p in params]",
+             ("tests/test_sampling.py",)),
+    Mutation("sampling ignores top_p", "src/yuanmoe/inference/sampling.py",
+             "        drop |= (probs.cumsum(dim=-1) - probs) >= top_p",
+             "        drop |= (probs.cumsum(dim=-1) - probs) > 1.0",
+             ("tests/test_sampling.py",)),
+    Mutation("sampling ignores repetition_penalty", "src/yuanmoe/inference/sampling.py",
+             "            logits = torch.where(self.seen, penalized, logits)",
+             "            logits = logits",
+             ("tests/test_sampling.py",)),
+    Mutation("repetition penalty multiplies negative logits the wrong way", "src/yuanmoe/inference/sampling.py",
+             "logits / self.penalty, logits * self.penalty)",
+             "logits / self.penalty, logits / self.penalty)",
+             ("tests/test_sampling.py",)),
+    Mutation("data parallel does nothing (every rank takes the whole global batch)",
+             "src/yuanmoe/distributed/parallel_model.py",
+             "        return {k: v[first: first + rows].to(self.device) for k, v in batch.items()}",
+             "        return {k: v.to(self.device) for k, v in batch.items()}",
+             ("tests/test_distributed.py",)),
+    Mutation("expert parallel: every rank holds the first E/ep experts", "src/yuanmoe/distributed/expert_parallel.py",
+             "        self.first_expert = ep_rank * local",
+             "        self.first_expert = 0",
+             ("tests/test_distributed.py",)),
+    Mutation("activation checkpointing does nothing", "src/yuanmoe/training/trainer.py",
+             "        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)",
+             "        pass",
+             ("tests/test_training.py::test_activation_checkpointing_gives_the_same_losses",
+              "tests/test_training.py::test_activation_checkpointing_recomputes_each_layer_in_the_backward_pass")),
+]
+
+
+@dataclass
+class Outcome:
+    mutation: Mutation
+    status: str  # caught, SURVIVED, STALE, ERROR
+    failed: list[str]
+    seconds: float
+    tail: str = ""
+
+
+def copy_repository(dest: Path) -> Path:
+    """dest/repo with src/, tests/ and pyproject.toml, and dest/shared -> the real ../shared."""
+    repo = dest / "repo"
+    repo.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
+    shutil.copytree(ROOT / "src", repo / "src", ignore=ignore)
+    shutil.copytree(ROOT / "tests", repo / "tests", ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", repo)
+    (dest / "shared").symlink_to(SHARED, target_is_directory=True)
+    return repo
+
+
+def run_mutation(m: Mutation, timeout: int, first_failure_only: bool = True) -> Outcome:
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="yuanmoe-mutation-") as tmp:
+        repo = copy_repository(Path(tmp))
+        target = repo / m.file
+        text = target.read_text()
+        count = text.count(m.old)
+        if count != 1:
+            return Outcome(m, "STALE", [f"target text found {count} times in {m.file}"], time.monotonic() - start)
+        target.write_text(text.replace(m.old, m.new))
+        env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
+        check = subprocess.run([sys.executable, "-c", "import yuanmoe; print(yuanmoe.__file__)"], cwd=repo, env=env,
+                               capture_output=True, text=True)
+        if not check.stdout.strip().startswith(str(repo)):
+            return Outcome(m, "ERROR", [f"the copy's yuanmoe is not the one imported: {check.stdout.strip()}"],
+                           time.monotonic() - start)
+        command = [sys.executable, "-m", "pytest", "-q", *(["-x"] if first_failure_only else []),
+                   "-p", "no:logging", "-p", "no:cacheprovider", "-o", "addopts=-rfE", *m.tests]
+        try:
+            proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return Outcome(m, "ERROR", [f"timed out after {timeout} s"], time.monotonic() - start)
+        out = proc.stdout + proc.stderr
+        failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.MULTILINE)
+        if proc.returncode == 0:
+            status = "SURVIVED"
+        elif proc.returncode == 1 and failed:
+            status = "caught"
+        else:
+            status = "ERROR"
+        return Outcome(m, status, failed, time.monotonic() - start, out[-2000:])
+
+
+def print_table(outcomes: list[Outcome]) -> None:
+    rows = [("mutation", "result", "failed tests", "s")]
+    for o in outcomes:
+        failed = f"{len(o.failed)}: " + ", ".join(f.split("::", 1)[-1] for f in o.failed) if o.failed else "-"
+        rows.append((o.mutation.name, o.status, failed, f"{o.seconds:.0f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for i, r in enumerate(rows):
+        print(f"| {r[0]:<{widths[0]}} | {r[1]:<{widths[1]}} | {r[2]:<{widths[2]}} | {r[3]:>3} |")
+        if i == 0:
+            print(f"|{'-' * (widths[0] + 2)}|{'-' * (widths[1] + 2)}|{'-' * (widths[2] + 2)}|-----|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("words", nargs="*", help="run only mutations whose name contains one of these words")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for one mutation's tests")
+    parser.add_argument("--all", action="store_true", help="run every guarding test (no -x): list all that fail")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the pytest output of each mutation")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.words or any(w.lower() in m.name.lower() for w in args.words)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}: {m.file} -> {' '.join(m.tests)}")
+        return 0
+    outcomes = []
+    for m in chosen:
+        outcome = run_mutation(m, args.timeout, first_failure_only=not args.all)
+        print(f"{outcome.status:8} {m.name} ({outcome.seconds:.0f} s)", flush=True)
+        if args.verbose or outcome.status == "ERROR":
+            print(outcome.tail)
+        outcomes.append(outcome)
+    print()
+    print_table(outcomes)
+    return 0 if all(o.status == "caught" for o in outcomes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
