@@ -105,6 +105,16 @@ MUTATIONS = [
              "        pass",
              ("tests/test_training.py::test_activation_checkpointing_gives_the_same_losses",
               "tests/test_training.py::test_activation_checkpointing_recomputes_each_layer_in_the_backward_pass")),
+    Mutation("GSM8K/MATH scoring inverted", "src/yuanmoe/evaluation/tasks.py",
+             "records.append(_record(p, predicted, equal(predicted, p.answer), output=text))",
+             "records.append(_record(p, predicted, not equal(predicted, p.answer), output=text))",
+             ("tests/test_evaluation.py",)),
+    Mutation("multiple choice by log-likelihood picks the least likely letter", "src/yuanmoe/evaluation/tasks.py",
+             "predicted = max(option_scores, key=option_scores.get)",
+             "predicted = min(option_scores, key=option_scores.get)",
+             ("tests/test_evaluation.py",)),
+    Mutation("the demo does not learn (learning rate zero)", "src/yuanmoe/training/demo.py",
+             "seq_len=seq_len, lr=1e-3,", "seq_len=seq_len, lr=0.0,", ("tests/test_demo.py",)),
 ]
 
 

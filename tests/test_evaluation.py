@@ -297,3 +297,51 @@ def test_harness_registration_needs_lm_eval():
     from yuanmoe.evaluation.harness import register
 
     assert register() is register()
+
+
+# ---- scoring against an answer key ----------------------------------------------------------------
+
+class AnswerKeyModel:
+    """Stands in for a model: answers the problems with canned outputs, in the order asked, so the
+    score a correct scorer must give is known in advance."""
+
+    def __init__(self, tokenizer, outputs=(), option_scores=()):
+        self.tokenizer, self.outputs, self.option_scores = tokenizer, list(outputs), list(option_scores)
+
+    def generate(self, prompts, max_new_tokens, stop=(), progress=False):
+        from yuanmoe.evaluation.lm import Generation
+
+        assert len(prompts) == len(self.outputs)
+        return [Generation(text, "stop") for text in self.outputs]
+
+    def loglikelihood(self, pairs, progress=False):
+        assert len(pairs) == len(self.option_scores)
+        return [(score, False) for score in self.option_scores]
+
+
+def test_gsm8k_scores_right_answers_right_and_wrong_ones_wrong(bpe):
+    from yuanmoe.evaluation.tasks import TaskSettings, run_task
+
+    references = [p.answer for p in readers.load_gsm8k(DATASETS)[:4]]
+    outputs = [f"Step by step we get it. The answer is {references[0]}",
+               f"The answer is {float(references[1]) + 1:g}",
+               f"So {references[0]} is wrong; the total is {references[2]}",
+               "I cannot tell."]
+    result = run_task("gsm8k", AnswerKeyModel(bpe, outputs), DATASETS, settings=TaskSettings(limit=4),
+                      progress=False)
+    assert [r["correct"] for r in result.records] == [True, False, True, False]
+    assert (result.correct, result.total, result.score) == (2, 4, 0.5)
+
+
+def test_multiple_choice_by_loglikelihood_picks_the_likeliest_letter(bpe):
+    from yuanmoe.evaluation.tasks import TaskSettings, run_task
+
+    problems = readers.load_arc(DATASETS)[:2]
+    scores = []
+    for p, right in zip(problems, (True, False)):
+        letters = list(p.choices)
+        best = p.answer if right else next(letter for letter in letters if letter != p.answer)
+        scores += [-1.0 if letter == best else -5.0 for letter in letters]
+    result = run_task("arc", AnswerKeyModel(bpe, option_scores=scores), DATASETS, progress=False,
+                      settings=TaskSettings(limit=2, scoring="loglikelihood"))
+    assert [r["correct"] for r in result.records] == [True, False] and result.score == 0.5
