@@ -19,9 +19,8 @@ def softmax(values: list[float]) -> list[float]:
     return [e / sum(exps) for e in exps]
 
 
-def sampled_distribution(monkeypatch, params: SamplingParams, logits: list[float],
-                         prompt: tuple[int, ...] = ()) -> tuple[list[float], int]:
-    """The probabilities the sampler draws its token from (what it hands torch.multinomial), and the token."""
+def spy_on_multinomial(monkeypatch) -> list[torch.Tensor]:
+    """Record every probability table torch.multinomial is handed (and still draw from it)."""
     seen = []
     multinomial = torch.multinomial
 
@@ -30,6 +29,13 @@ def sampled_distribution(monkeypatch, params: SamplingParams, logits: list[float
         return multinomial(probs, *args, **kwargs)
 
     monkeypatch.setattr(torch, "multinomial", spy)
+    return seen
+
+
+def sampled_distribution(monkeypatch, params: SamplingParams, logits: list[float],
+                         prompt: tuple[int, ...] = ()) -> tuple[list[float], int]:
+    """The probabilities the sampler draws its token from (what it hands torch.multinomial), and the token."""
+    seen = spy_on_multinomial(monkeypatch)
     sampler = BatchSampler([params], [list(prompt)], len(logits), torch.device("cpu"))
     token = sampler(torch.tensor([logits]))
     assert len(seen) == 1
@@ -124,14 +130,7 @@ def test_greedy_repetition_penalty_changes_the_choice_and_counts_generated_token
 
 
 def test_rows_of_a_batch_use_their_own_settings(monkeypatch):
-    seen = []
-    multinomial = torch.multinomial
-
-    def spy(probs, *args, **kwargs):
-        seen.append(probs.detach().clone())
-        return multinomial(probs, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "multinomial", spy)
+    seen = spy_on_multinomial(monkeypatch)
     params = [SamplingParams(temperature=0.5, seed=0), SamplingParams(temperature=0),
               SamplingParams(temperature=1.0, top_k=1, seed=1)]
     sampler = BatchSampler(params, [[], [], []], 4, torch.device("cpu"))

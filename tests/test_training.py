@@ -130,6 +130,10 @@ def test_bad_runs_fail_with_one_clear_sentence(data_dir, tmp_path, capsys):
         train(tiny(data_dir, vocab_size=256), run_config(data_dir, tmp_path))
     with pytest.raises(FileNotFoundError, match="no checkpoint to continue"):
         train(None, run_config(data_dir, tmp_path), resume=True)
+    (tmp_path / "old" / "checkpoints" / "step-0000001").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoints" / "step-0000001" / "trainer_state.pt").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="earlier version, which cannot be resumed; .* --init"):
+        train(None, run_config(data_dir, tmp_path / "old"), resume=True)
     train(tiny(data_dir), run_config(data_dir, tmp_path, max_steps=1))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         train(tiny(data_dir), run_config(data_dir, tmp_path))

@@ -77,6 +77,10 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     checkpointer = Checkpointer(run_dir, cfg.keep_last, tokenizer)
     latest = checkpointer.latest()
     if resume and latest is None:
+        old_format = sorted(checkpointer.root.glob("step-*/trainer_state.pt")) if checkpointer.root.is_dir() else []
+        if old_format:
+            raise FileNotFoundError(f"--resume: {old_format[-1].parent} is a checkpoint of an earlier version, which "
+                                    f"cannot be resumed; start a new run from its weights with --init")
         raise FileNotFoundError(f"--resume: {checkpointer.root} holds no checkpoint to continue from")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
