@@ -106,13 +106,13 @@ def write_source(pool: "Tokenizers", source: Source, out: Path, prefix: str, hel
     bar = tqdm(desc=f"tokenizing {source.name}", unit=" docs", disable=not progress, dynamic_ncols=True)
     last_train = None  # written one document late, so it can still be held out at the end
     for results in pool.map(source.documents(), heldout_fraction, seed):
-        for tokens, held_out in results:
+        for samples, held_out in results:
             if held_out:
-                writers["valid"].write(tokens)
+                writers["valid"].write(*samples)
                 continue
             if last_train is not None:
-                writers["train"].write(last_train)
-            last_train = tokens
+                writers["train"].write(*last_train)
+            last_train = samples
         bar.update(len(results))
         bar.set_postfix_str(f"{sum(w.total_tokens for w in writers.values()):,} tokens", refresh=False)
     bar.close()
@@ -120,7 +120,7 @@ def write_source(pool: "Tokenizers", source: Source, out: Path, prefix: str, hel
         # A small input may hash no document into the held-out split; then its last one is held
         # out, so every input of two or more documents can be evaluated.
         no_heldout = heldout_fraction > 0 and writers["valid"].total_tokens == 0 and writers["train"].total_tokens
-        writers["valid" if no_heldout else "train"].write(last_train)
+        writers["valid" if no_heldout else "train"].write(*last_train)
     entry = {"name": source.name, "inputs": [str(p) for p in source.paths], "weight": source.weight,
              "files": len(source.files)}
     for split, writer in writers.items():
@@ -168,12 +168,17 @@ def _init_worker(tokenizer_dir: Path) -> None:
     _worker_tokenizer = load_tokenizer(tokenizer_dir)
 
 
-def _tokenize_task(task) -> list[tuple[np.ndarray, bool]]:
+def _tokenize_task(task) -> list[tuple[list[np.ndarray], bool]]:
     docs, heldout_fraction, seed = task
-    return [(encode_document(_worker_tokenizer, doc), is_held_out(doc, heldout_fraction, seed)) for doc in docs]
+    return [(encode_samples(_worker_tokenizer, doc), is_held_out(doc, heldout_fraction, seed)) for doc in docs]
 
 
-def encode_document(tokenizer, doc: Document) -> np.ndarray:
+def encode_samples(tokenizer, doc: Document) -> list[np.ndarray]:
+    """The token documents of an input document: one, or one per assistant turn of a conversation."""
+    return [encode_document(tokenizer, d) for d in (doc if isinstance(doc, list) else [doc])]
+
+
+def encode_document(tokenizer, doc: str | tuple[str, str]) -> np.ndarray:
     if isinstance(doc, str):
         ids = tokenizer.encode(doc)
     else:
@@ -197,7 +202,11 @@ class ShardWriter:
         self.total_tokens = 0
         self._file = None
 
-    def write(self, tokens: np.ndarray) -> None:
+    def write(self, *documents: np.ndarray) -> None:
+        for tokens in documents:
+            self._write(tokens)
+
+    def _write(self, tokens: np.ndarray) -> None:
         if self._file is not None and self._tokens + len(tokens) > self.max_tokens:
             self._finish_shard()
         if self._file is None:

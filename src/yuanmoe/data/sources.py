@@ -1,7 +1,9 @@
 """Reading training inputs: plain text, code, JSONL/JSON records and Alpaca instruction sets.
 
-A document is either plain text or a (prompt, answer) pair; pairs are tokenized as
-prompt `<sep>` answer so supervised fine-tuning can train on the answer only.
+A document is plain text, a (prompt, answer) pair, or a conversation: the list of (prompt, answer)
+pairs of its assistant turns in the official chat layout (inference/chat.py), kept together so
+that they land in the same split. Pairs are tokenized as prompt `<sep>` answer so supervised
+fine-tuning can train on the answer only.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".pyi", ".c", ".h", ".cc", ".cpp"
 # file (a novel, a dump) still gives a held-out split and windows do not all come from one place.
 MAX_DOC_CHARS = 50_000
 
-Document = Union[str, tuple[str, str]]
+Document = Union[str, tuple[str, str], list[tuple[str, str]]]
 
 
 @dataclass
@@ -108,7 +110,8 @@ def split_long_text(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
 
 
 def read_records(path: Path) -> Iterator[Document]:
-    """A JSON array or JSONL lines of records with `text`, or `instruction` [+ `input`] + `output`."""
+    """A JSON array or JSONL lines of records with `text`, `instruction` [+ `input`] + `output`, or
+    `messages` (a chat: [{"role", "content"}, ...])."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1)
         while head.isspace():
@@ -141,9 +144,19 @@ def record_document(record, path: Path, where: int) -> Document:
             if record.get("input"):
                 prompt += "\n" + str(record["input"])
             return prompt, record["output"]
-    raise ValueError(f"{path} record {where} has neither a 'text' field nor 'instruction' and 'output' fields")
+        if "messages" in record:
+            from ..inference.chat import chat_samples
+
+            try:
+                return chat_samples(record["messages"])
+            except ValueError as exc:
+                raise ValueError(f"{path} record {where}: {exc}") from None
+    raise ValueError(f"{path} record {where} has neither a 'text' field nor 'instruction' and 'output' fields "
+                     f"nor chat 'messages'")
 
 
 def document_text(doc: Document) -> str:
     """The text of a document as the tokenizer trainer sees it."""
+    if isinstance(doc, list):  # a conversation: its last sample holds every turn
+        doc = doc[-1]
     return doc if isinstance(doc, str) else doc[0] + "\n" + doc[1]

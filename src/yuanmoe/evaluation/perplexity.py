@@ -36,10 +36,11 @@ def prepared_documents(folder: Path, tokenizer, split: str) -> Iterator[list[int
 def text_documents(path: Path, tokenizer) -> Iterator[list[int]]:
     """Text, JSON or JSONL files (or a folder of them), read as `yuan data prepare` reads them."""
     from ..data import Source
-    from ..data.prepare import encode_document
+    from ..data.prepare import encode_samples
 
     for doc in Source([path]).documents():
-        yield encode_document(tokenizer, doc).tolist()
+        for tokens in encode_samples(tokenizer, doc):
+            yield tokens.tolist()
 
 
 def perplexity(lm: EvalModel, data: str | Path, limit: int | None = None, split: str = "valid",

@@ -11,7 +11,7 @@ from .config import add_train_options, train_config_from_args
 
 def register(sub) -> None:
     data = sub.add_parser("data", help="prepare training data").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("prepare", help="tokenize text, code, JSONL or JSON (Alpaca) files into token shards")
+    p = data.add_parser("prepare", help="tokenize text, code, JSONL or JSON (Alpaca, chat messages) files into token shards")
     p.add_argument("inputs", nargs="+", metavar="INPUT[:WEIGHT]",
                    help="a file or folder; several inputs are blended by their weights (default 1 each)")
     p.add_argument("--out", required=True, help="folder to write meta.json, token shards and the tokenizer to")
