@@ -146,6 +146,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     config, fmt = load_config(folder)
     if (folder / ".metadata").is_file():  # a training run's checkpoint (DCP shards) of any world size
         from .distributed.checkpoint import load_weights
+        from .training.lora import adapter_record, load_adapted
+
+        if adapter_record(folder) is not None:  # LoRA adapters: on top of their base, folded in
+            return load_adapted(folder, dtype=dtype, device=device)
 
         model = YuanForCausalLM(config)
         load_weights(folder, model)

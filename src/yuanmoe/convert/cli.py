@@ -1,7 +1,7 @@
 """`yuan convert SRC OUT --to official|native`: rewrite a checkpoint folder in either format.
 
 SRC is an official or native folder, or a training run's checkpoint (any world size), which is
-gathered into one model first."""
+gathered into one model first; with --merge-lora, a LoRA run's checkpoint, folded into its base."""
 
 from __future__ import annotations
 
@@ -35,6 +35,10 @@ def register(sub) -> None:
                        device_default="cpu")
     p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_BYTES,
                    help="largest weight file before sharding, e.g. 5GB (default 5GiB)")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="SRC is a checkpoint of a LoRA run: fold its adapters into their base and write the result")
+    p.add_argument("--base", help="with --merge-lora: the base model, if it moved since training (default: the "
+                                  "one the run started from)")
     p.add_argument("--tokenizer", help="tokenizer to include (a tokenizer folder, checkpoint or tokenizer.model); "
                                        "default: the one in SRC, if any")
     p.set_defaults(func=run)
@@ -43,7 +47,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..tokenizer import load_tokenizer
 
-    model = from_pretrained(args.src, dtype=args.dtype, device=args.device)
+    if args.merge_lora:
+        from ..training.lora import load_adapted
+
+        model = load_adapted(args.src, base=args.base, dtype=args.dtype, device=args.device)
+    elif args.base:
+        raise ValueError("--base goes with --merge-lora")
+    else:
+        model = from_pretrained(args.src, dtype=args.dtype, device=args.device)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
     else:

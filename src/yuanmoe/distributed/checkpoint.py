@@ -68,6 +68,8 @@ def _model_state(model: ParallelModel | nn.Module) -> dict[str, torch.Tensor]:
     module, config = _model_and_config(model)
     state = {}
     for name, tensor in module.state_dict(keep_vars=True).items():
+        if isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            continue  # a frozen base (LoRA): it comes from the checkpoint the run started from
         key = _checkpoint_key(name, module, config)
         if key is not None:
             state[key] = _global_view(model, name, tensor)

@@ -13,13 +13,14 @@ served, so it is divided by `ep` and averaged over the `dp_rep` ranks that hold 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
 from torch.distributed.tensor import DTensor, Shard
 from torch.nn.parallel import DistributedDataParallel
@@ -256,10 +257,16 @@ def _tied_weight_group(mesh: DeviceMesh, dims: ParallelDims) -> dist.ProcessGrou
 
 def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *, data_parallel: str = "fsdp",
                 schedule: str = "1f1b", microbatches: int | None = None,
-                reshard_after_forward: bool = True) -> ParallelModel:
+                reshard_after_forward: bool = True, adapt: Callable[[nn.Module], None] | None = None,
+                param_dtype: torch.dtype | None = None) -> ParallelModel:
     """Apply expert, pipeline and data parallel to `model` (built identically on every rank,
     e.g. from the same seed or checkpoint) and move it to this rank's device. Pipeline parallel
-    splits each step's rows into `microbatches` (default pp) pipeline micro-batches."""
+    splits each step's rows into `microbatches` (default pp) pipeline micro-batches.
+
+    `adapt(model)`, if given, runs after expert parallel has sliced the experts and before data
+    parallel wraps the parameters (LoRA adds its adapters there). `param_dtype` is the dtype FSDP
+    gathers the weights in (needed when they mix dtypes, as a bf16 base with fp32 adapters does);
+    gradients are reduced in fp32."""
     if data_parallel not in DATA_PARALLEL:
         raise ValueError(f"data_parallel must be one of {', '.join(DATA_PARALLEL)}, got {data_parallel!r}")
     if schedule not in SCHEDULES:
@@ -274,6 +281,8 @@ def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *,
 
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"].get_group())
+    if adapt is not None:
+        adapt(model)
     stage = PipelineStageModule(model, mesh["pp"].get_local_rank(), dims.pp) if dims.pp > 1 else None
     module = stage if stage is not None else model
     expert_params = {p for m in module.modules() if isinstance(m, ExpertParallelExperts) for p in m.parameters()}
@@ -281,11 +290,14 @@ def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *,
 
     if not (data_parallel == "fsdp" and dims.dp_replicas > 1):  # else FSDP divides them (see _apply_fsdp)
         for p in expert_params:  # summed over the ep ranks that sent tokens: make it their mean
-            p.register_hook(lambda grad: grad / dims.ep)
+            if p.requires_grad:
+                p.register_hook(lambda grad: grad / dims.ep)
     if data_parallel == "fsdp" and dims.dp > 1:
         # A decoder layer returns its router's outputs, views that nothing modifies in place.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDecoderLayer\) returned a view")
-        _apply_fsdp(module, mesh, dims, expert_params, reshard_after_forward)
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
+            else MixedPrecisionPolicy()
+        _apply_fsdp(module, mesh, dims, expert_params, reshard_after_forward, mp_policy)
     elif data_parallel == "ddp" and dims.dp > 1:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sorted(expert_fqns))
         module = DistributedDataParallel(module, process_group=dp_mesh(mesh).get_group(),
@@ -295,7 +307,7 @@ def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *,
 
 
 def _apply_fsdp(module: nn.Module, mesh: DeviceMesh, dims: ParallelDims, expert_params: set[nn.Parameter],
-                reshard_after_forward: bool) -> None:
+                reshard_after_forward: bool, mp_policy: MixedPrecisionPolicy) -> None:
     """FSDP2 over dp per decoder layer and at the root. Expert slices differ across the ep ranks, so
     they are sharded separately, over the dp_rep ranks that share them (or left whole, outside FSDP,
     when no other rank holds them)."""
@@ -308,11 +320,12 @@ def _apply_fsdp(module: nn.Module, mesh: DeviceMesh, dims: ParallelDims, expert_
                 # Shard the feature dim: dim 0 is already split over ep, and a second split along a
                 # different dim keeps the checkpoint's global layout a plain 2-D DTensor.
                 fully_shard(experts, mesh=mesh["dp_rep"], shard_placement_fn=lambda p: Shard(1),
-                            reshard_after_forward=reshard_after_forward)
+                            reshard_after_forward=reshard_after_forward, mp_policy=mp_policy)
                 experts.set_gradient_divide_factor(float(dims.dp))
                 experts.set_force_sum_reduction_for_comms(True)  # divide locally: gloo has no PREMUL_SUM
         ignored = expert_params if dims.dp_replicas == 1 else None
-        fully_shard(layer, mesh=data_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+        fully_shard(layer, mesh=data_mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                    mp_policy=mp_policy)
     fully_shard(module, mesh=data_mesh, reshard_after_forward=False,
-                ignored_params=expert_params if dims.dp_replicas == 1 else None)
+                ignored_params=expert_params if dims.dp_replicas == 1 else None, mp_policy=mp_policy)
 

@@ -53,6 +53,12 @@ class TrainConfig:
     pp: int | None = setting(None, "pipeline stages (default 1)", type=int)
     data_parallel: str = setting("fsdp", "how data-parallel ranks hold the weights", choices=["fsdp", "ddp"])
     pp_schedule: str = setting("1f1b", "pipeline schedule", choices=["1f1b", "gpipe"])
+    lora_rank: int | None = setting(None, "train LoRA adapters of this rank on the frozen --init model instead "
+                                          "of all weights", type=int, metavar="R")
+    lora_alpha: float | None = setting(None, "LoRA scale numerator (the update is alpha / rank * B A; "
+                                             "default twice the rank)", type=float, metavar="A")
+    lora_targets: str = setting("attention,experts", "weights LoRA adapts, from attention (q/k/v/o), experts "
+                                                     "(w1/w2 of every expert), router, lfa (the LFA filter)")
 
     def __post_init__(self) -> None:
         if not self.data or not self.out:
@@ -68,6 +74,10 @@ class TrainConfig:
             raise ValueError(f"the FIM rate must be between 0 and 1, got {self.fim_rate}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad-clip must be positive, got {self.grad_clip}")
+        if self.lora_rank is not None:
+            from .lora import LoraSpec
+
+            LoraSpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets)  # says what is wrong, if anything
         if self.warmup_steps < 0:
             raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
         self.dtype = dtype_name(resolve_dtype(self.dtype))
@@ -78,6 +88,13 @@ class TrainConfig:
     @property
     def samples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+    @property
+    def lora(self):
+        """The LoraSpec of a LoRA run, None for full training."""
+        from .lora import LoraSpec
+
+        return None if self.lora_rank is None else LoraSpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets)
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

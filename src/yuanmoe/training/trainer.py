@@ -38,9 +38,11 @@ from ..device import resolve_dtype
 from ..distributed.checkpoint import Checkpointer
 from ..distributed.mesh import ParallelDims, build_mesh, init_distributed
 from ..distributed.parallel_model import ParallelModel, parallelize
+from ..info import model_stats
 from ..model import YuanForCausalLM
 from ..routers import update_expert_bias
 from .config import TrainConfig
+from .lora import adapter_record, apply_lora
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, learning_rate
 
@@ -85,6 +87,18 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
+    lora = cfg.lora
+    # The weights to build the model from: the --init checkpoint of a new run, the base of a LoRA run
+    # (whose checkpoints hold only the adapters), or none when resuming a run of all weights.
+    weights_from = Path(cfg.init_from) if cfg.init_from else None
+    if lora is not None:
+        weights_from = weights_from or (lora_base(latest) if resume else None)
+        if weights_from is None:
+            raise ConfigError("--lora-rank trains adapters on a trained model: name it with --init")
+    elif resume:
+        if adapter_record(latest) is not None:
+            raise TrainingError(f"{latest} holds LoRA adapters; resume it with the --lora-* options it was started with")
+        weights_from = None
     if start_from is not None:
         model_config = checkpoint_config(start_from, model_config)
     if model_config is None:
@@ -95,15 +109,29 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     warmup_steps = clamped_warmup(cfg, say=leader)
 
     torch.manual_seed(cfg.seed)
-    model = YuanForCausalLM(model_config)
-    if start_from is not None and not resume:
+    train_dtype = resolve_dtype(cfg.dtype)
+    if weights_from is not None:
         from ..checkpoint import from_pretrained
 
-        model.load_state_dict(from_pretrained(start_from).state_dict())
+        # Full training keeps fp32 weights under autocast; a LoRA base stays in the training dtype.
+        model = from_pretrained(weights_from, dtype=train_dtype if lora else torch.float32).train()
+    else:
+        model = YuanForCausalLM(model_config)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    trainable = {}
+
+    def adapt(module: nn.Module) -> None:
+        trainable["count"] = apply_lora(module, lora, dtype=train_dtype, seed=cfg.seed)
+
     pm = parallelize(model, build_mesh(dims, device.type), dims, data_parallel=cfg.data_parallel,
-                     schedule=cfg.pp_schedule)
+                     schedule=cfg.pp_schedule, adapt=adapt if lora else None,
+                     param_dtype=train_dtype if lora else None)
+    if lora is not None and leader:
+        total = model_stats(model_config)["total_params"]
+        tqdm.write(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {','.join(lora.targets)}: "
+                   f"{trainable['count']:,} trainable parameters, {trainable['count'] / total:.3%} of {total:,}; "
+                   f"base frozen in {cfg.dtype}")
     if cfg.batch_size % pm.rows_multiple:
         raise ValueError(f"batch-size {cfg.batch_size} must be a multiple of {pm.rows_multiple}: each of the "
                          f"{dims.dp} data-parallel ranks takes an equal share of every micro-batch"
@@ -166,6 +194,8 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                 if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
                     state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
                              "train_config": dataclasses.asdict(cfg)}
+                    if lora is not None:
+                        state["lora"] = {**lora.to_dict(), "base": str(weights_from.resolve())}
                     result.checkpoint = checkpointer.save(step, pm, optimizer, state)
                 if signalled:
                     bar.write("stop requested: " + (f"saved {result.checkpoint}; continue with --resume"
@@ -276,6 +306,15 @@ def enable_activation_checkpointing(model: YuanForCausalLM) -> None:
 
 
 # --------------------------------------------------------------------------- starting points
+def lora_base(checkpoint: Path) -> Path:
+    """The base model a LoRA run's checkpoint was trained on."""
+    record = adapter_record(checkpoint)
+    if record is None:
+        raise TrainingError(f"{checkpoint} is a checkpoint of all weights, not of LoRA adapters; "
+                            f"resume it without --lora-rank")
+    return Path(record["base"])
+
+
 def checkpoint_config(path: Path, expected: YuanConfig | None) -> YuanConfig:
     """The checkpoint's config; if `expected` is given, it must describe the same architecture."""
     from ..checkpoint import load_config
