@@ -20,6 +20,7 @@ from yuanmoe.data.packed import IGNORE_INDEX
 from yuanmoe.inference import encode_prompt
 from yuanmoe.inference.text import TextStream
 from yuanmoe.distributed.checkpoint import load_weights
+from yuanmoe.evaluation.lm import EvalModel
 from yuanmoe.tokenizer import load_tokenizer
 from yuanmoe.training import TrainConfig, train
 from yuanmoe.training.lora import LoraSpec, adapter_record, apply_lora
@@ -182,3 +183,7 @@ def test_merged_export_matches_base_plus_adapters(lora_run, golden_with_tokenize
             expected, got = adapted(ids).logits, merged(ids).logits
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     assert not torch.equal(got, from_pretrained(golden_with_tokenizer)(ids).logits)
+    # generate, serve and eval load a checkpoint with its tokenizer: the adapter checkpoint is one.
+    lm = EvalModel.from_checkpoint(result.checkpoint)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, expected, rtol=0, atol=1e-5)

@@ -146,7 +146,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     config, fmt = load_config(folder)
     if (folder / ".metadata").is_file():  # a training run's checkpoint (DCP shards) of any world size
         from .distributed.checkpoint import load_weights
-        from .training.lora import adapter_record, load_adapted
+        from .training.lora import adapter_record
 
         if adapter_record(folder) is not None:  # LoRA adapters: on top of their base, folded in
             return load_adapted(folder, dtype=dtype, device=device)
@@ -182,6 +182,32 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     if left:
         raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
     return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+
+
+def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
+                 device: str | torch.device = "cpu") -> YuanForCausalLM:
+    """The base model of a LoRA run's checkpoint with its adapters folded in (training/lora.py), in
+    eval mode: the base from `base`, or the one the run started from."""
+    from .distributed.checkpoint import load_weights
+    from .training.lora import LoraSpec, adapter_record, apply_lora, merge_lora
+
+    folder = _checkpoint_folder(folder)
+    record = adapter_record(folder)
+    if record is None:
+        raise ConfigError(f"{folder} holds no LoRA adapters (it is not a checkpoint of a `yuan train --lora-rank` run)")
+    base = Path(base or record["base"])
+    if not base.exists():
+        raise FileNotFoundError(f"the base model of the adapters in {folder}, {base}, does not exist; "
+                                f"give its new place with --base")
+    if load_config(base)[0].to_dict() != load_config(folder)[0].to_dict():
+        raise ConfigError(f"{base} is not the base the adapters in {folder} were trained on (another architecture)")
+    model = from_pretrained(base, device=device)
+    apply_lora(model, LoraSpec(record["rank"], record["alpha"], tuple(record["targets"])))
+    load_weights(folder, model)
+    model = merge_lora(model)
+    if dtype is not None:
+        model.to(resolve_dtype(dtype))
+    return model.eval()
 
 
 def empty_model(config: YuanConfig) -> YuanForCausalLM:

@@ -48,7 +48,7 @@ def run(args) -> int:
     from ..tokenizer import load_tokenizer
 
     if args.merge_lora:
-        from ..training.lora import load_adapted
+        from ..checkpoint import load_adapted
 
         model = load_adapted(args.src, base=args.base, dtype=args.dtype, device=args.device)
     elif args.base:

@@ -10,8 +10,8 @@ parallel, which see parameters (the base as `...parametrizations.<name>.original
 
 The base is frozen and kept in the training dtype (bf16 by default); the adapters are fp32 and
 are all a run optimizes and saves. A run checkpoint of a LoRA run holds only the adapters and
-names its base (`trainer_state.json` "lora"); `from_pretrained` loads it on top of that base and
-folds the adapters in, so generate/serve/eval/convert take it like any checkpoint.
+names its base (`trainer_state.json` "lora"); `from_pretrained` (checkpoint.load_adapted) loads it
+on top of that base and folds the adapters in, so generate/serve/eval/convert take it like any checkpoint.
 """
 
 from __future__ import annotations
@@ -169,31 +169,3 @@ def adapter_record(folder: str | Path) -> dict | None:
     if not state.is_file():
         return None
     return json.loads(state.read_text()).get("lora")
-
-
-def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
-                 device: str | torch.device = "cpu") -> nn.Module:
-    """The base of an adapter checkpoint with its adapters folded in (the base from `base`, or the
-    one the run started from), in eval mode."""
-    from ..checkpoint import from_pretrained, load_config
-    from ..device import resolve_device, resolve_dtype
-    from ..distributed.checkpoint import load_weights
-
-    folder = Path(folder)
-    record = adapter_record(folder)
-    if record is None:
-        raise ConfigError(f"{folder} holds no LoRA adapters (it is not a checkpoint of a `yuan train --lora-rank` run)")
-    base = Path(base or record["base"])
-    if not base.exists():
-        raise FileNotFoundError(f"the base model of the adapters in {folder}, {base}, does not exist; "
-                                f"give its new place with --base")
-    base_config, adapter_config = load_config(base)[0], load_config(folder)[0]
-    if base_config.to_dict() != adapter_config.to_dict():
-        raise ConfigError(f"{base} is not the base the adapters in {folder} were trained on (another architecture)")
-    model = from_pretrained(base, device=resolve_device(device))
-    apply_lora(model, LoraSpec(record["rank"], record["alpha"], tuple(record["targets"])))
-    load_weights(folder, model)
-    model = merge_lora(model)
-    if dtype is not None:
-        model.to(resolve_dtype(dtype))
-    return model.eval()
