@@ -47,7 +47,9 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(f"ep ({ep}) must divide the number of experts ({experts.num_experts})")
         local = experts.num_experts // ep
         _, two_f, d = experts.w1.shape
-        super().__init__(local, d, two_f // 2)
+        # A model built on the meta device (distributed/sharded_start.py) gets meta slices, read later.
+        with torch.device("meta" if experts.w1.is_meta else experts.w1.device):
+            super().__init__(local, d, two_f // 2)
         self.ep_size, self.ep_rank, self.group = ep, ep_rank, group
         self.first_expert = ep_rank * local
         with torch.no_grad():

@@ -277,7 +277,11 @@ def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *,
         raise ValueError("ddp does not combine with pipeline parallel or with 1 < ep < dp; use fsdp")
     device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" \
         else torch.device("cpu")
-    model.to(device)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and data_parallel == "ddp":
+        raise ValueError("a model on the meta device needs FSDP (ddp replicates weights it does not have)")
+    if not on_meta:  # else the caller materialises this rank's shards afterwards (sharded_start.py)
+        model.to(device)
 
     if dims.ep > 1:
         apply_expert_parallel(model, mesh["ep"].get_group())

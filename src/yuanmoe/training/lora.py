@@ -17,6 +17,7 @@ on top of that base and folds the adapters in, so generate/serve/eval/convert ta
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -112,29 +113,50 @@ def apply_lora(model: nn.Module, spec: LoraSpec, dtype: torch.dtype | None = Non
         if dtype is not None and p.is_floating_point():
             p.data = p.data.to(dtype)
     trainable = 0
-    for module_name, module, param_name in weights:
+    for _, module, param_name in weights:
         delta = LowRankDelta(getattr(module, param_name), spec.rank, spec.scale)
-        _init_adapter(delta, f"{module_name}.{param_name}", seed, getattr(module, "first_expert", 0),
-                      getattr(module, "ep_size", 1))
         parametrize.register_parametrization(module, param_name, delta)
         # An expert-parallel slice holds 1/ep of the adapters: count the whole model's.
         trainable += (delta.lora_A.numel() + delta.lora_B.numel()) * getattr(module, "ep_size", 1)
+    if not any(p.is_meta for p in model.parameters()):
+        init_adapters(model, seed)
     return trainable
 
 
-def _init_adapter(delta: LowRankDelta, name: str, seed: int, first_expert: int, ep_size: int) -> None:
-    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (as nn.Linear draws its weights), drawn for all experts and sliced."""
-    shape = list(delta.lora_A.shape)
-    local = shape[0] if delta.lora_A.ndim == 3 else None
-    if local is not None:
-        shape[0] = local * ep_size
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    bound = shape[-1] ** -0.5
-    full = torch.rand(shape, generator=generator) * 2 * bound - bound
-    if local is not None:
-        full = full[first_expert: first_expert + local]
-    with torch.no_grad():
-        delta.lora_A.copy_(full)
+def init_adapters(model: nn.Module, seed: int = 0, fill=None) -> None:
+    """Set every adapter to its initial value: B = 0 and A ~ U(-1/sqrt(in), 1/sqrt(in)) (as nn.Linear
+    draws its weights), drawn from the adapted weight's name and the seed for all experts at once.
+    `fill(parameter, full_value)` writes a parameter's part of the full value (default: all of it;
+    distributed/sharded_start.py passes one that writes this rank's shard)."""
+    fill = fill or (lambda p, value: p.copy_(value))
+    for name, delta in model.named_modules():
+        if not isinstance(delta, LowRankDelta):
+            continue
+        owner_name, param_name = re.fullmatch(r"(?:(.*)\.)?parametrizations\.(\w+)\.\d+", name).groups()
+        owner = model.get_submodule(owner_name or "")
+        target = f"{owner_name}.{param_name}" if owner_name else param_name
+        shape = list(delta.lora_A.shape)
+        first, ep_size = getattr(owner, "first_expert", 0), getattr(owner, "ep_size", 1)
+        local = shape[0] if len(shape) == 3 else None
+        if local is not None:
+            shape[0] = local * ep_size
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(target.encode()))
+        bound = shape[-1] ** -0.5
+        value = torch.rand(shape, generator=generator) * 2 * bound - bound
+        if local is not None:
+            value = value[first: first + local]
+        with torch.no_grad():
+            fill(delta.lora_A, value)
+            fill(delta.lora_B, torch.zeros(delta.lora_B.shape))
+
+
+def base_name(name: str) -> str:
+    """The name a parameter has in the unadapted model: `x.parametrizations.w1.original` -> `x.w1`."""
+    return re.sub(r"parametrizations\.(\w+)\.original$", r"\1", name)
+
+
+def is_adapter_name(name: str) -> bool:
+    return re.search(r"parametrizations\.\w+\.\d+\.lora_[AB]$", name) is not None
 
 
 def is_adapted(model: nn.Module) -> bool:

@@ -32,12 +32,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from ..checkpoint import empty_model, from_pretrained
 from ..config import ConfigError, YuanConfig
 from ..data import TokenDataset, load_meta
 from ..device import resolve_dtype
 from ..distributed.checkpoint import Checkpointer
 from ..distributed.mesh import ParallelDims, build_mesh, init_distributed
 from ..distributed.parallel_model import ParallelModel, parallelize
+from ..distributed.sharded_start import load_start_weights, materialize
 from ..info import model_stats
 from ..model import YuanForCausalLM
 from ..routers import update_expert_bias
@@ -110,10 +112,14 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
 
     torch.manual_seed(cfg.seed)
     train_dtype = resolve_dtype(cfg.dtype)
-    if weights_from is not None:
-        from ..checkpoint import from_pretrained
-
-        # Full training keeps fp32 weights under autocast; a LoRA base stays in the training dtype.
+    # Start weights are read after parallelize, each rank only its shards, into a model built on
+    # the meta device (distributed/sharded_start.py); DDP, which replicates, and adapters to fold
+    # into their base take the whole model. Full training keeps fp32 weights under autocast; a
+    # LoRA base stays in the training dtype.
+    sharded_start = weights_from is not None and cfg.data_parallel == "fsdp" and adapter_record(weights_from) is None
+    if sharded_start:
+        model = empty_model(model_config)
+    elif weights_from is not None:
         model = from_pretrained(weights_from, dtype=train_dtype if lora else torch.float32).train()
     else:
         model = YuanForCausalLM(model_config)
@@ -127,6 +133,9 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     pm = parallelize(model, build_mesh(dims, device.type), dims, data_parallel=cfg.data_parallel,
                      schedule=cfg.pp_schedule, adapt=adapt if lora else None,
                      param_dtype=train_dtype if lora else None)
+    if sharded_start:
+        materialize(pm)
+        load_start_weights(pm, weights_from, seed=cfg.seed)
     if lora is not None and leader:
         total = model_stats(model_config)["total_params"]
         tqdm.write(f"LoRA rank {lora.rank} (alpha {lora.alpha:g}) on {','.join(lora.targets)}: "
