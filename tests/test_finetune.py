@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +189,185 @@ def test_merged_export_matches_base_plus_adapters(lora_run, golden_with_tokenize
     lm = EvalModel.from_checkpoint(result.checkpoint)
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ sharded start and LoRA under torchrun
+# name: (layout, source) at 2 ranks; the 4-rank launch runs the same with dp doubled where it can.
+SHARDED_LAYOUTS = {
+    "fsdp": ("dp={n}", "official"),
+    "fsdp_ep": ("dp={n},ep=2", "official"),
+    "fsdp_pp": ("dp={h},pp=2", "native"),
+    "fsdp_ep_run_checkpoint": ("dp={n},ep=2", "run"),
+}
+LORA_BATCHES = [torch.randint(0, 512, (4, 24), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+
+
+def lora_steps(pm) -> list[float]:
+    """Three AdamW steps of LoRA (all targets) on fixed batches; the losses."""
+    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for ids in LORA_BATCHES:
+        targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], IGNORE_INDEX)], dim=1)
+        losses.append(pm.train_step([{"input_ids": ids, "targets": targets}]).loss)
+        pm.clip_grad_norm_(1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def sharded_start(source, dims, lora: bool = False):
+    from yuanmoe.checkpoint import empty_model, load_config
+    from yuanmoe.distributed import build_mesh, parallelize
+    from yuanmoe.distributed.sharded_start import load_start_weights, materialize
+
+    spec = LoraSpec.parse(4, None, ",".join(("attention", "experts", "router", "lfa")))
+    pm = parallelize(empty_model(load_config(source)[0]), build_mesh(dims), dims,
+                     adapt=(lambda m: apply_lora(m, spec)) if lora else None)
+    materialize(pm)
+    load_start_weights(pm, source)
+    return pm
+
+
+def _shards_equal_the_full_model(pm, reference) -> dict:
+    """Whether every parameter this rank holds is its slice of the reference model, and which share
+    of the model's values this rank holds."""
+    from torch.distributed.tensor import DTensor
+
+    full = dict(reference.named_parameters(remove_duplicate=False))
+    equal, local, total = True, 0, sum(p.numel() for p in reference.parameters())
+    for name, p in pm.named_parameters():
+        value = p.full_tensor() if isinstance(p, DTensor) else p  # gathered over the FSDP ranks
+        expected = full[name]
+        if name in pm.expert_fqns:
+            owner = pm.module.get_submodule(name.rsplit(".", 1)[0])
+            expected = expected[owner.first_expert: owner.first_expert + owner.num_experts]
+        equal &= torch.equal(value.detach(), expected)
+        local += (p.to_local() if isinstance(p, DTensor) else p).numel()
+    return {"equal": bool(equal), "share": local / total}
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _worker(out: Path, golden: Path, native: Path, run_checkpoint: Path, big: Path) -> None:
+    import resource
+
+    import torch.distributed as dist
+
+    from yuanmoe.distributed import ParallelDims, init_distributed
+
+    torch.set_num_threads(1)
+    init_distributed("cpu", timeout_s=120)
+    n, rank = dist.get_world_size(), dist.get_rank()
+    results = {}
+    # Peak memory first, before anything large was allocated: the start of a few-hundred-MB model,
+    # after a start of the tiny model has loaded all the code it runs.
+    del sharded_start(golden, ParallelDims(dp=n)).module
+    base_rss = _rss_kib()
+    pm = sharded_start(big, ParallelDims(dp=n))
+    results["rss"] = {"baseline_kib": base_rss, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                      "shard_bytes": sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4
+                                         for p in pm.parameters())}
+    del pm
+    reference = from_pretrained(golden)
+    sources = {"official": golden, "native": native, "run": run_checkpoint}
+    for name, (layout, source) in SHARDED_LAYOUTS.items():
+        dims = ParallelDims.parse(layout.format(n=n, h=n // 2))
+        results[name] = _shards_equal_the_full_model(sharded_start(sources[source], dims), reference)
+    results["lora_fsdp_losses"] = lora_steps(sharded_start(golden, ParallelDims(dp=n), lora=True))
+    gathered = [None] * n
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        (out / f"results-{n}.json").write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def big_model_config():
+    """A model of about 420 MB in fp32 (105 M parameters), the largest tensor (an expert stack) 64 MiB."""
+    from yuanmoe import preset
+
+    return preset("tiny", vocab_size=8192, hidden_size=512, num_heads=8, attention_projection_size=512,
+                  num_layers=4, num_experts=16, ffn_hidden_size=1024)
+
+
+@pytest.fixture(scope="module")
+def sharded_sources(golden_with_tokenizer, tmp_path_factory):
+    from yuanmoe import YuanForCausalLM
+    from yuanmoe.checkpoint import save_pretrained
+    from yuanmoe.distributed import save_checkpoint
+
+    root = tmp_path_factory.mktemp("sharded")
+    reference = from_pretrained(golden_with_tokenizer)
+    save_pretrained(reference, root / "native")
+    save_checkpoint(root / "run", reference)
+    torch.manual_seed(0)
+    save_pretrained(YuanForCausalLM(big_model_config()), root / "big", fmt="official")
+    return root
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def sharded_run(request, sharded_sources, golden_with_tokenizer):
+    import os
+    import subprocess
+
+    root, ranks = sharded_sources, request.param
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+               __file__, str(root), str(golden_with_tokenizer), str(root / "native"), str(root / "run"),
+               str(root / "big")]
+    proc = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, [line for line in proc.stderr.splitlines() if "Error" in line][-5:]
+    return ranks, json.loads((root / f"results-{ranks}.json").read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", SHARDED_LAYOUTS)
+def test_sharded_start_loads_each_rank_its_slices_of_the_full_model(sharded_run, layout):
+    ranks, results = sharded_run
+    assert all(r[layout]["equal"] for r in results)
+    if layout in ("fsdp", "fsdp_ep"):  # nothing is held twice: together the ranks hold the model once
+        assert sum(r[layout]["share"] for r in results) == pytest.approx(1.0, abs=1e-6)
+
+
+# Above the interpreter, torch and the process group (measured before the model is built), a rank
+# may use its shards, one tensor being read (the largest: an expert stack, 64 MiB in fp32) and this.
+RSS_SLACK_MIB = 64
+
+
+@pytest.mark.distributed
+def test_sharded_start_peak_memory_is_a_share_of_the_model(sharded_run):
+    ranks, results = sharded_run
+    config = big_model_config()
+    largest = config.num_experts * 2 * config.ffn_hidden_size * config.hidden_size * 4
+    weights = sum(4 * p.numel() for p in torch.nn.Module.parameters(_meta_model(config)))
+    for r in results:
+        used = (r["rss"]["peak_kib"] - r["rss"]["baseline_kib"]) * 1024
+        bound = weights / ranks + largest + RSS_SLACK_MIB * 2**20
+        print(f"{ranks} ranks: peak {used / 2**20:.0f} MiB above the baseline, bound {bound / 2**20:.0f} MiB "
+              f"(model {weights / 2**20:.0f} MiB, shard {r['rss']['shard_bytes'] / 2**20:.0f} MiB)")
+        assert used <= bound
+
+
+def _meta_model(config):
+    from yuanmoe.checkpoint import empty_model
+
+    return empty_model(config)
+
+
+@pytest.mark.distributed
+def test_lora_under_fsdp_follows_the_single_process_run(sharded_run, golden_with_tokenizer):
+    from yuanmoe.distributed import ParallelDims
+    from yuanmoe.distributed.mesh import init_distributed
+
+    _, results = sharded_run
+    init_distributed("cpu")
+    expected = lora_steps(sharded_start(golden_with_tokenizer, ParallelDims(), lora=True))
+    for r in results:
+        assert r["lora_fsdp_losses"] == pytest.approx(expected, rel=1e-5)
+    assert expected[-1] < expected[0]
+
+
+if __name__ == "__main__":
+    _worker(*map(Path, sys.argv[1:6]))

@@ -171,10 +171,17 @@ def official_shared_to_native(tensors: dict[str, torch.Tensor], config: YuanConf
     return _shared_from_official(_taker(src), src, config)
 
 
-def official_layer_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig, i: int) -> dict[str, torch.Tensor]:
+def official_layer_to_native(tensors: dict[str, torch.Tensor], config: YuanConfig, i: int,
+                             experts: bool = True) -> dict[str, torch.Tensor]:
     """official_to_native for the tensors of layer i alone (`model.layers.{i}.*`), so a loader can
-    convert a large checkpoint one layer at a time."""
-    return _layer_from_official(_taker(dict(tensors)), config, i)
+    convert a large checkpoint one layer at a time. experts=False leaves the experts out (and
+    `tensors` need not hold them): a loader that wants only some experts stacks those itself."""
+    return _layer_from_official(_taker(dict(tensors)), config, i, experts)
+
+
+def official_expert_name(layer: int, expert: int, w: str) -> str:
+    """The official name of one expert's w1 or w2; natively, row `expert` of `layers.{layer}.mlp.experts.{w}`."""
+    return f"model.layers.{layer}.mlp.experts.{expert}.{w}.weight"
 
 
 def _shared_from_official(take, src: dict[str, torch.Tensor], config: YuanConfig) -> dict[str, torch.Tensor]:
@@ -188,7 +195,7 @@ def _shared_from_official(take, src: dict[str, torch.Tensor], config: YuanConfig
     return out
 
 
-def _layer_from_official(take, config: YuanConfig, i: int) -> dict[str, torch.Tensor]:
+def _layer_from_official(take, config: YuanConfig, i: int, experts: bool = True) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     p, q = f"model.layers.{i}.", f"layers.{i}."
     out[q + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
@@ -206,9 +213,9 @@ def _layer_from_official(take, config: YuanConfig, i: int) -> dict[str, torch.Te
     if config.is_moe:
         for proj in ("query", "key", "value"):
             out[q + f"mlp.router.{proj}.weight"] = take(m + f"gate.{proj}.weight")
-        for w in ("w1", "w2"):
+        for w in ("w1", "w2") if experts else ():
             out[q + f"mlp.experts.{w}"] = torch.stack(
-                [take(m + f"experts.{e}.{w}.weight") for e in range(config.num_experts)])
+                [take(official_expert_name(i, e, w)) for e in range(config.num_experts)])
     else:
         out[q + "mlp.w1.weight"] = torch.cat([take(m + "up_proj.weight"), take(m + "gate_proj.weight")])
         out[q + "mlp.w2.weight"] = take(m + "down_proj.weight")

@@ -52,16 +52,26 @@ def materialize(pm: ParallelModel) -> None:
             b.copy_(buffers[name])
 
 
+def local_rows(param: torch.Tensor) -> range:
+    """The rows (dim 0) of the parameter's global value that this rank holds a part of."""
+    if not isinstance(param, DTensor):
+        return range(param.shape[0])
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return range(offset[0], offset[0] + shape[0])
+
+
 @torch.no_grad()
-def fill_local(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Write this rank's part of `full` (the parameter's global value) into `param`."""
+def fill_local(param: torch.Tensor, value: torch.Tensor, first_row: int = 0) -> None:
+    """Write this rank's part of the parameter's global value into `param`; `value` holds the rows
+    from `first_row` on of that global value (at least those this rank holds)."""
     if isinstance(param, DTensor):
         shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         local = param.to_local()
         if local.numel():
-            local.copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
-    else:
-        param.copy_(full)
+            offset = (offset[0] - first_row, *offset[1:])
+            local.copy_(value[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+    else:  # this rank holds all of it: value has every row
+        param.copy_(value)
 
 
 def _targets(pm: ParallelModel) -> dict[str, tuple[torch.Tensor, slice | None]]:
@@ -117,7 +127,7 @@ def _load_run_checkpoint(pm: ParallelModel, path: Path, targets: dict) -> None:
 
 def _load_weight_files(folder: Path, config: YuanConfig, fmt: str, targets: dict) -> None:
     from ..checkpoint import _WeightFiles
-    from ..convert.official import official_layer_to_native, official_shared_to_native
+    from ..convert import CheckpointError
 
     weights = _WeightFiles(folder)
     groups: dict[int | None, list[str]] = {}
@@ -127,23 +137,41 @@ def _load_weight_files(folder: Path, config: YuanConfig, fmt: str, targets: dict
     wanted_layers = {int(m.group(1)) for key in targets if (m := _LAYER.match(key))}
     missing = set(targets)
     for layer, names in groups.items():
-        if layer is not None and layer not in wanted_layers:  # another pipeline stage's layer
-            continue
-        with weights.read(names) as mapped:
-            if fmt == "official":
-                native = (official_shared_to_native(mapped, config) if layer is None
-                          else official_layer_to_native(mapped, config, layer))
-            else:
-                native = mapped
-            for key, full in native.items():
-                if key not in targets:
-                    continue
-                param, experts = targets[key]
-                fill_local(param, full[experts] if experts is not None else full)
-                missing.discard(key)
-            native = None
+        if layer is None or layer in wanted_layers:  # not another pipeline stage's layer
+            with weights.read(names) as mapped:
+                missing -= _fill_group(mapped, layer, config, fmt, targets)
     if missing:
-        from ..convert.official import CheckpointError
-
         raise CheckpointError(f"{folder} lacks {len(missing)} tensor(s) the model needs: {', '.join(sorted(missing)[:10])}")
 
+
+def _fill_group(mapped: dict[str, torch.Tensor], layer: int | None, config: YuanConfig, fmt: str,
+                targets: dict) -> set[str]:
+    """Fill the targets of one group of mapped tensors (the shared ones, or a layer's); returns the
+    names filled. Nothing refers to the mapped files once it returns, so their pages are let go."""
+    from ..convert.official import official_expert_name, official_layer_to_native, official_shared_to_native
+
+    filled = set()
+    if fmt == "native":
+        native = mapped
+    elif layer is None:
+        native = official_shared_to_native(mapped, config)
+    else:
+        # Official experts are separate tensors: stack only the experts this rank holds (its rows
+        # of the native [E, ...] stack), so the other experts are never read.
+        native = official_layer_to_native(mapped, config, layer, experts=False)
+        for w in ("w1", "w2") if config.is_moe else ():
+            key = f"layers.{layer}.mlp.experts.{w}"
+            if key in targets:
+                param, experts = targets[key]
+                rows = local_rows(param)
+                first = (experts.start if experts else 0) + rows.start
+                if len(rows):
+                    fill_local(param, torch.stack([mapped[official_expert_name(layer, e, w)]
+                                                   for e in range(first, first + len(rows))]), rows.start)
+                filled.add(key)
+    for key, full in native.items():
+        if key in targets:
+            param, experts = targets[key]
+            fill_local(param, full[experts] if experts is not None else full)
+            filled.add(key)
+    return filled
