@@ -12,6 +12,7 @@ from .convert import CheckpointError
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func` default.
 COMMAND_MODULES = [
     "yuanmoe.info",
+    "yuanmoe.plan",
     "yuanmoe.convert.cli",
     "yuanmoe.training.commands",
     "yuanmoe.evaluation.cli",
