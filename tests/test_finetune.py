@@ -371,3 +371,44 @@ def test_lora_under_fsdp_follows_the_single_process_run(sharded_run, golden_with
 
 if __name__ == "__main__":
     _worker(*map(Path, sys.argv[1:6]))
+
+
+# ------------------------------------------------------------------ yuan plan
+def test_plan_counts_the_model_and_shards_it():
+    from yuanmoe import preset
+    from yuanmoe.info import model_stats
+    from yuanmoe.plan import Layout, estimate
+
+    config = preset("tiny")
+    total = model_stats(config)["total_params"]
+    one = estimate(config, Layout(1, 1, 1, True), seq_len=64)
+    assert (one.weights, one.gradients, one.optimizer) == (4 * total, 4 * total, 8 * total)
+    sharded = estimate(config, Layout(2, 2, 1, True), seq_len=64)
+    assert sharded.weights == pytest.approx(one.weights / 2)  # experts split by ep, the rest by FSDP
+    spec = LoraSpec.parse(4, None, "attention,experts")
+    adapters = apply_lora(_meta(config), spec)
+    lora = estimate(config, Layout(1, 1, 1, True), seq_len=64, lora=spec)
+    assert lora.gradients == 4 * adapters and lora.weights == 2 * total + 4 * adapters
+    checkpointed = estimate(config, Layout(1, 1, 1, True), seq_len=64, activation_checkpointing=True)
+    assert checkpointed.activations < one.activations
+
+
+def _meta(config):
+    from yuanmoe.checkpoint import empty_model
+
+    return empty_model(config)
+
+
+def test_yuan_plan_prints_every_layout_and_which_fit(capsys):
+    args = ["plan", "--preset", "yuan2-m32", "--gpus", "8", "--gpu-memory", "80", "--seq", "4096", "--json"]
+    assert cli_main(args) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert cli_main(args + ["--lora-rank", "16", "--activation-checkpointing"]) == 0
+    lora = json.loads(capsys.readouterr().out)
+    layouts = {e["layout"] for e in full["layouts"]}
+    assert {"dp=8,ep=1,pp=1 fsdp", "dp=8,ep=8,pp=1 fsdp", "dp=4,ep=2,pp=2 fsdp", "dp=1,ep=1,pp=8 fsdp"} <= layouts
+    # 40 B parameters with fp32 weights, gradients and AdamW need 16 bytes each: more than 8 x 80 GB.
+    assert not any(e["fits"] for e in full["layouts"])
+    assert any(e["fits"] for e in lora["layouts"])
+    assert cli_main(["plan", "--gpus", "0"]) == 2
+    assert "--gpus must be positive" in capsys.readouterr().err
