@@ -412,3 +412,20 @@ def test_yuan_plan_prints_every_layout_and_which_fit(capsys):
     assert any(e["fits"] for e in lora["layouts"])
     assert cli_main(["plan", "--gpus", "0"]) == 2
     assert "--gpus must be positive" in capsys.readouterr().err
+
+
+def test_bad_lora_runs_fail_with_one_clear_sentence(lora_run, tmp_path, capsys):
+    from yuanmoe.config import ConfigError
+    from yuanmoe.training.trainer import TrainingError
+
+    root, _, result = lora_run
+    common = dict(data=str(root / "data"), max_steps=1, progress=False, tensorboard=False)
+    with pytest.raises(ConfigError, match="unknown LoRA target.*mlp.*choose from attention, experts, router, lfa"):
+        TrainConfig(out=str(tmp_path / "a"), lora_rank=4, lora_targets="attention,mlp", **common)
+    with pytest.raises(ConfigError, match="name it with --init"):
+        train(None, TrainConfig(out=str(tmp_path / "b"), lora_rank=4, **common))
+    with pytest.raises(TrainingError, match="holds LoRA adapters; resume it with the --lora-"):
+        train(None, TrainConfig(out=str(root / "run"), **{**common, "max_steps": 40}), resume=True)
+    base = adapter_record(result.checkpoint)["base"]
+    assert cli_main(["convert", base, str(tmp_path / "c"), "--to", "native", "--merge-lora"]) == 2
+    assert "holds no LoRA adapters" in capsys.readouterr().err
