@@ -11,8 +11,9 @@ logger = init_logger("vllm.yuanmoe")
 
 
 class YuanVllmConfig(PretrainedConfig):
-    """Official `model_type: "yuan"` keys, plus the derived head_dim, num_key_value_heads and RoPE
-    base that vLLM's engine reads (vLLM would otherwise take hidden / heads as the head size)."""
+    """Official `model_type: "yuan"` keys, plus the derived values vLLM's engine reads: head_dim
+    (it would otherwise take hidden / heads), num_key_value_heads, num_experts and
+    num_experts_per_tok (expert parallelism checks them), the RoPE base."""
 
     model_type = "yuan"
 
@@ -33,6 +34,8 @@ class YuanVllmConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.intermediate_size = intermediate_size
         self.moe_config = moe_config or {}
+        self.num_experts = int(self.moe_config.get("moe_num_experts", 0) or 0)
+        self.num_experts_per_tok = int(self.moe_config.get("moe_top_k", 2))
         self.rope_theta = rope_theta
         self.rotary_base = rotary_base
         self.use_yarn = use_yarn
