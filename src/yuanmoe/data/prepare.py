@@ -77,6 +77,7 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
         "dtype": "uint32",
         "tokenizer": "tokenizer",
         "vocab_size": tok.vocab_size,
+        "tokenizer_fingerprint": tok.fingerprint(),
         "eod_id": tok.eod_id,
         "sep_id": tok.sep_id,
         "pad_id": tok.pad_id,
@@ -235,3 +236,12 @@ def load_meta(folder: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; prepare the data again")
     return meta
+
+
+def data_tokenizer_fingerprint(folder: str | Path, meta: dict) -> str:
+    """The fingerprint of the tokenizer the data was made with: the one meta.json records, or, for data
+    prepared before fingerprints, that of its tokenizer folder."""
+    from ..tokenizer import load_tokenizer
+
+    stored = meta.get("tokenizer_fingerprint")
+    return stored if stored is not None else load_tokenizer(Path(folder) / meta["tokenizer"]).fingerprint()

@@ -74,6 +74,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     run_dir, data_dir = Path(cfg.out), Path(cfg.data)
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
+    fingerprint = tokenizer.fingerprint()
     checkpointer = Checkpointer(run_dir, cfg.keep_last, tokenizer)
     latest = checkpointer.latest()
     if resume and latest is None:
@@ -85,6 +86,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
+    check_data_tokenizer(fingerprint, meta, data_dir, start_from)
     if start_from is not None:
         model_config = checkpoint_config(start_from, model_config)
     if model_config is None:
@@ -165,7 +167,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                             bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
                 if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
                     state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
-                             "train_config": dataclasses.asdict(cfg)}
+                             "train_config": dataclasses.asdict(cfg), "tokenizer_fingerprint": fingerprint}
                     result.checkpoint = checkpointer.save(step, pm, optimizer, state)
                 if signalled:
                     bar.write("stop requested: " + (f"saved {result.checkpoint}; continue with --resume"
@@ -298,6 +300,21 @@ def check_data_matches(config: YuanConfig, meta: dict, data_dir: Path) -> None:
     if meta["eod_id"] != config.eod_token_id:
         raise ConfigError(f"{data_dir} was made with another tokenizer: <eod> is token {meta['eod_id']} there but "
                           f"{config.eod_token_id} in the model config")
+
+
+def check_data_tokenizer(fingerprint: str, meta: dict, data_dir: Path, checkpoint: Path | None) -> None:
+    """The data's token ids, its tokenizer folder (`fingerprint`, saved with every checkpoint of the run)
+    and the checkpoint the run starts from must all come from one tokenizer: weights trained on one
+    tokenizer's ids learn nonsense from another's, and a resumed run would save the wrong tokenizer."""
+    from ..data.prepare import data_tokenizer_fingerprint
+    from ..tokenizer import check_same_tokenizer, folder_fingerprint
+
+    check_same_tokenizer(f"the token ids in {data_dir}", data_tokenizer_fingerprint(data_dir, meta),
+                         "its tokenizer folder", fingerprint, "prepare the data again")
+    if checkpoint is not None:
+        check_same_tokenizer(f"the data in {data_dir}", fingerprint, f"checkpoint {checkpoint}",
+                             folder_fingerprint(checkpoint), f"prepare the data with the checkpoint's tokenizer "
+                             f"(`yuan data prepare INPUTS --tokenizer {checkpoint}`)")
 
 
 def config_for_data(config: YuanConfig, meta: dict) -> YuanConfig:
