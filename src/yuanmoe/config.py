@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +72,9 @@ class YuanConfig:
             if not ok:
                 raise ConfigError(f"invalid config: {msg}")
 
+        for name, hint in typing.get_type_hints(YuanConfig).items():
+            value = getattr(self, name)
+            need(_has_type(value, hint), f"{name} must be {_type_words(hint)}, got {value!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "attention_projection_size", "max_position_embeddings", "ffn_hidden_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -102,6 +108,8 @@ class YuanConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "YuanConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: expected a JSON object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -135,7 +143,34 @@ class YuanConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes) -> "YuanConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"invalid config: unknown field(s) {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               dict: "a JSON object", type(None): "null"}
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _has_type(value, hint) -> bool:
+    """JSON-level type check of a config value: bools are not integers, integers are numbers."""
+    for option in _options(hint):
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return math.isfinite(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is not int and isinstance(value, option):
+            return True
+    return False
+
+
+def _type_words(hint) -> str:
+    return " or ".join(_TYPE_WORDS[option] for option in _options(hint))
 
 
 PRESETS: dict[str, dict] = {

@@ -36,6 +36,8 @@ def register(sub) -> None:
                    help="override a config field, e.g. --set num_layers=4 --set router=linear")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out "
                                                         "(saved at any world size)")
+    t.add_argument("--resume-from", type=int, metavar="STEP",
+                   help="continue from the checkpoint of this step (implies --resume)")
     add_train_options(t)
     t.set_defaults(func=run_train)
 
@@ -87,10 +89,11 @@ def run_train(args) -> int:
     from ..data import load_meta
     from .trainer import train
 
+    args.resume = args.resume or args.resume_from is not None
     if not (args.resume or args.init_from or args.preset or args.config):
         raise ConfigError("give --preset, --config or --init for a new run (or --resume to continue one)")
     config = model_config_from_args(args, load_meta(args.data))
-    result = train(config, train_config_from_args(args), resume=args.resume)
+    result = train(config, train_config_from_args(args), resume=args.resume, resume_from=args.resume_from)
     held_out = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"step {result.step}: checkpoint {result.checkpoint}{held_out}")

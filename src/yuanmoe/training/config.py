@@ -70,6 +70,7 @@ class TrainConfig:
             raise ValueError(f"grad-clip must be positive, got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
+        check_train_numbers(self)
         self.dtype = dtype_name(resolve_dtype(self.dtype))
         if self.dtype == "float16":
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; "
@@ -78,6 +79,21 @@ class TrainConfig:
     @property
     def samples_per_step(self) -> int:
         return self.batch_size * self.grad_accum
+
+
+def check_train_numbers(cfg: TrainConfig) -> None:
+    """The floating-point settings: finite, and within the range where they mean something."""
+    import math
+
+    checks = {"lr": (cfg.lr, cfg.lr > 0, "positive"), "min-lr-ratio": (cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1,
+                                                                       "between 0 and 1"),
+              "weight-decay": (cfg.weight_decay, cfg.weight_decay >= 0, "at least 0"),
+              "fim-spm-rate": (cfg.fim_spm_rate, 0 <= cfg.fim_spm_rate <= 1, "between 0 and 1")}
+    if cfg.time_limit_s is not None:
+        checks["time-limit"] = (cfg.time_limit_s, cfg.time_limit_s > 0, "a positive number of seconds")
+    for name, (value, ok, words) in checks.items():
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"--{name} must be {words}, got {value}")
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

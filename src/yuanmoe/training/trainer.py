@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import threading
 import time
@@ -60,11 +61,12 @@ class TrainResult:
     model: nn.Module | None = None  # the trained model (this rank's share of it under torchrun)
 
 
-def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False) -> TrainResult:
+def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False,
+          resume_from: int | None = None) -> TrainResult:
     """Train `model_config` from scratch on cfg.data, start from the weights of cfg.init_from, or
-    continue the latest checkpoint in cfg.out (saved at any world size). With a checkpoint
-    `model_config` may be None; if given it must match the checkpoint's architecture. Launched by
-    torchrun, every rank calls this with the same arguments."""
+    continue the newest intact checkpoint in cfg.out (saved at any world size), or that of step
+    `resume_from`. With a checkpoint `model_config` may be None; if given it must match the
+    checkpoint's architecture. Launched by torchrun, every rank calls this with the same arguments."""
     from ..tokenizer import load_tokenizer
 
     device = init_distributed(cfg.device)
@@ -76,6 +78,8 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
     fingerprint = tokenizer.fingerprint()
     checkpointer = Checkpointer(run_dir, cfg.keep_last, tokenizer)
+    if leader:
+        checkpointer.remove_temporaries()
     latest = checkpointer.latest()
     if resume and latest is None:
         old_format = sorted(checkpointer.root.glob("step-*/trainer_state.pt")) if checkpointer.root.is_dir() else []
@@ -85,6 +89,9 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
         raise FileNotFoundError(f"--resume: {checkpointer.root} holds no checkpoint to continue from")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
+    if resume:
+        latest = checkpointer.resumable(resume_from)
+        check_resume_settings(latest, cfg)
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
     check_data_tokenizer(fingerprint, meta, data_dir, start_from)
     if start_from is not None:
@@ -300,6 +307,25 @@ def check_data_matches(config: YuanConfig, meta: dict, data_dir: Path) -> None:
     if meta["eod_id"] != config.eod_token_id:
         raise ConfigError(f"{data_dir} was made with another tokenizer: <eod> is token {meta['eod_id']} there but "
                           f"{config.eod_token_id} in the model config")
+
+
+def check_resume_settings(checkpoint: Path, cfg: TrainConfig) -> None:
+    """A resumed run continues exactly only with the settings that decide its samples; --max-steps
+    must leave something to do."""
+    from ..distributed.checkpoint import EXTRA_FILE
+
+    state = json.loads((checkpoint / EXTRA_FILE).read_text())
+    if cfg.max_steps < state["step"]:
+        raise TrainingError(f"--max-steps {cfg.max_steps} is below step {state['step']} of {checkpoint}, so there is "
+                            f"nothing to train; raise --max-steps (or resume an earlier step with --resume-from)")
+    saved = state.get("train_config", {})
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(cfg, name)})"
+               for name in ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "answer_only")
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if changed:
+        raise TrainingError(f"{checkpoint} was trained with {', '.join(changed)}, and a resumed run continues "
+                            f"exactly only with the same; pass the saved values, or start a new run from its "
+                            f"weights with --init {checkpoint} --out NEW_FOLDER")
 
 
 def check_data_tokenizer(fingerprint: str, meta: dict, data_dir: Path, checkpoint: Path | None) -> None:
