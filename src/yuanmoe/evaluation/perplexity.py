@@ -27,6 +27,10 @@ def prepared_documents(folder: Path, tokenizer, split: str) -> Iterator[list[int
     check_same_tokenizer("the checkpoint", tokenizer.fingerprint(), f"the data in {folder}",
                          data_tokenizer_fingerprint(folder, meta), "score data prepared with the checkpoint's "
                          "tokenizer, or give text files to tokenize here")
+    return _prepared_documents(folder, meta, split)
+
+
+def _prepared_documents(folder: Path, meta: dict, split: str) -> Iterator[list[int]]:
     for source in meta["sources"]:
         for shard in source[split]:
             tokens = np.memmap(folder / shard["file"], dtype=np.uint32, mode="r")

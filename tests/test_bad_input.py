@@ -1,0 +1,193 @@
+"""Bad input and faults, as a new user meets them: every case ends in one sentence (`error: ...`,
+exit 2, no traceback) and writes nothing; a damaged checkpoint or a killed save leaves a run that
+resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import CORPUS
+from yuanmoe.cli import main
+from yuanmoe.data import prepare_dataset
+
+TRAIN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-every", "100", "--no-tensorboard",
+         "--dtype", "float32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Two prepared folders of the same vocabulary size, tokenized by two BPEs trained on other text."""
+    root = tmp_path_factory.mktemp("bad-input")
+    text = (CORPUS / "tinyshakespeare.txt").read_text()
+    (root / "a.txt").write_text(text[:8000])
+    (root / "b.txt").write_text(text[20000:28000])
+    for name in ("a", "b"):
+        prepare_dataset([str(root / f"{name}.txt")], root / name, train_tokenizer_vocab=320, heldout_fraction=0.1,
+                        workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(data):
+    """A run on data `a` with checkpoints at steps 1 and 2."""
+    assert main(["train", "--data", str(data / "a"), "--out", str(data / "run"), "--max-steps", "2",
+                 "--save-every", "1", *TRAIN]) == 0
+    return data / "run"
+
+
+def one_sentence_error(capsys, *args: str) -> str:
+    """Run the command; it must fail with exit 2 and one `error:` line, no traceback; returns the line."""
+    code = main(list(args))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, (code, err)
+    return errors[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+# ----------------------------------------------------------------------------------- tokenizer identity
+def test_data_of_another_tokenizer_is_refused_naming_both(data, run, capsys):
+    fingerprints = [json.loads((data / n / "meta.json").read_text())["tokenizer_fingerprint"] for n in ("a", "b")]
+    assert fingerprints[0] != fingerprints[1]
+    before = snapshot(run)
+    for args in (["--out", str(run), "--resume", "--max-steps", "4"],
+                 ["--out", str(data / "fresh"), "--init", str(run / "checkpoints" / "step-0000002"),
+                  "--max-steps", "4"]):
+        line = one_sentence_error(capsys, "train", "--data", str(data / "b"), *args, *TRAIN[2:])
+        assert fingerprints[0] in line and fingerprints[1] in line and "--tokenizer" in line
+    line = one_sentence_error(capsys, "eval", "perplexity", str(run / "checkpoints" / "step-0000002"),
+                              str(data / "b"), "--device", "cpu")
+    assert fingerprints[0] in line and fingerprints[1] in line
+    assert snapshot(run) == before and not (data / "fresh").exists()
+
+
+def test_data_prepared_before_fingerprints_is_checked_by_its_tokenizer_folder(data, run, tmp_path, capsys):
+    old = tmp_path / "old-b"
+    shutil.copytree(data / "b", old)
+    meta = json.loads((old / "meta.json").read_text())
+    del meta["tokenizer_fingerprint"]
+    (old / "meta.json").write_text(json.dumps(meta))
+    line = one_sentence_error(capsys, "eval", "perplexity", str(run / "checkpoints" / "step-0000002"), str(old),
+                              "--device", "cpu")
+    assert "uses tokenizer" in line
+    # A checkpoint without a tokenizer cannot be checked: accepted, with a warning that says so.
+    bare = tmp_path / "bare"
+    shutil.copytree(run / "checkpoints" / "step-0000002", bare)
+    (bare / "tokenizer.json").unlink()
+    assert main(["train", "--data", str(data / "a"), "--out", str(tmp_path / "from-bare"), "--init", str(bare),
+                 "--max-steps", "1", *TRAIN[2:]]) == 0
+    assert "has no tokenizer fingerprint" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- training nonsense
+@pytest.mark.parametrize("args, message", [
+    (["--grad-clip", "0"], "grad-clip must be positive"),
+    (["--grad-clip", "-1"], "grad-clip must be positive"),
+    (["--warmup-steps", "-1"], "warmup-steps must not be negative"),
+    (["--time-limit", "-5"], "--time-limit must be a positive number of seconds"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--set", "no_such_field=1"], "unknown field(s) no_such_field"),
+    (["--set", "num_layers=null"], "num_layers must be an integer, got None"),
+    (["--set", "num_layers=2.5"], "num_layers must be an integer, got 2.5"),
+    (["--set", "rope_base=null"], "rope_base must be a finite number, got None"),
+    (["--set", "tie_word_embeddings=1"], "tie_word_embeddings must be true or false"),
+])
+def test_nonsense_training_settings_are_refused(data, tmp_path, capsys, args, message):
+    line = one_sentence_error(capsys, "train", "--data", str(data / "a"), "--out", str(tmp_path / "run"), *TRAIN,
+                              *args)
+    assert message in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[1, 2]", "must hold a JSON object"),
+    ('{"num_layers": null}', "num_layers must be an integer, got None"),
+    ('{"model_type": "yuan", "vocab_size": 320}', "lacks the field 'hidden_size'"),
+])
+def test_config_files_that_are_not_configs_are_refused(data, tmp_path, capsys, content, message):
+    (tmp_path / "config.json").write_text(content)
+    line = one_sentence_error(capsys, "train", "--data", str(data / "a"), "--out", str(tmp_path / "run"),
+                              "--config", str(tmp_path / "config.json"), *TRAIN[2:])
+    assert message in line and not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_one_sentence(data, tmp_path, capsys):
+    line = one_sentence_error(capsys, "train", "--data", str(data / "a"), "--out", str(tmp_path / "run"),
+                              *TRAIN[:-2], "--device", "cuda")
+    assert "no usable CUDA GPU" in line
+
+
+def test_resume_refuses_settings_that_break_exactness_and_steps_already_done(data, run, capsys):
+    before = snapshot(run)
+    resume = ["train", "--data", str(data / "a"), "--out", str(run), "--resume", *TRAIN[2:]]
+    line = one_sentence_error(capsys, *resume, "--max-steps", "1")
+    assert "--max-steps 1 is below step 2" in line
+    line = one_sentence_error(capsys, *resume, "--max-steps", "4", "--seq-len", "16")
+    assert "--seq-len 32 (now 16)" in line and "--init" in line
+    line = one_sentence_error(capsys, *resume, "--max-steps", "4", "--resume-from", "7")
+    assert "cannot resume from step 7" in line and "steps saved: 1, 2" in line
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "CKPT", "hi", "--temperature", "nan"], "temperature must be a finite number"),
+    (["generate", "CKPT", "hi", "--temperature", "1", "--seed", str(2**70)], "seed must be between"),
+    (["generate", "CKPT", "hi", "--repetition-penalty", "inf"], "repetition_penalty must be a finite number"),
+    (["serve", "CKPT", "--port", "99999"], "--port must be between 0 and 65535"),
+    (["serve", "CKPT", "--max-tokens-cap", "-5"], "--max-tokens-cap must be at least 1"),
+    (["serve", "CKPT", "--max-batch-size", "0"], "--max-batch-size must be at least 1"),
+    (["eval", "humaneval", "CKPT", "--timeout", "-1"], "--timeout must be a positive number of seconds"),
+    (["eval", "humaneval", "CKPT", "--workers", "0"], "--workers must be at least 1"),
+])
+def test_nonsense_command_numbers_are_refused(run, capsys, args, message):
+    checkpoint = str(run / "checkpoints" / "step-0000002")
+    line = one_sentence_error(capsys, *[checkpoint if a == "CKPT" else a for a in args], "--device", "cpu")
+    assert message in line
+
+
+def test_nan_weights_are_named_on_load(run, tmp_path, capsys):
+    from yuanmoe import from_pretrained, save_pretrained
+
+    model = from_pretrained(run / "checkpoints" / "step-0000002")
+    with torch.no_grad():
+        model.layers[1].self_attn.o_proj.weight[0, 0] = float("nan")
+    save_pretrained(model, tmp_path / "nan")
+    line = one_sentence_error(capsys, "generate", str(tmp_path / "nan"), "hi", "--device", "cpu")
+    assert "layers.1.self_attn.o_proj.weight holds NaN or infinite values" in line
+
+
+# ----------------------------------------------------------------------------------- damaged runs
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda step: (step / "__0_0.distcp").write_bytes(b"cut"), "shard __0_0.distcp is missing or truncated"),
+    (lambda step: (step / "trainer_state.json").write_text('{"step": '), "trainer_state.json"),
+    (lambda step: (step / "rng" / "rank-0.pt").write_bytes(b"PK\x03"), "rng/rank-0.pt cannot be read"),
+    (lambda step: (step / ".metadata").write_bytes(b"\x80"), ".metadata cannot be read"),
+])
+def test_resume_skips_a_damaged_last_checkpoint(data, run, tmp_path, capsys, damage, why):
+    run = copy_run(run, tmp_path)
+    damage(run / "checkpoints" / "step-0000002")
+    assert main(["train", "--data", str(data / "a"), "--out", str(run), "--resume", "--max-steps", "3",
+                 *TRAIN[2:]]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and why in err and "resuming from step-0000001" in err
+    line = one_sentence_error(capsys, "train", "--data", str(data / "a"), "--out", str(run),
+                              "--resume-from", "2", "--max-steps", "3", *TRAIN[2:])
+    assert "cannot resume from step 2" in line and why in line
