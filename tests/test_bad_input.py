@@ -191,3 +191,154 @@ def test_resume_skips_a_damaged_last_checkpoint(data, run, tmp_path, capsys, dam
     line = one_sentence_error(capsys, "train", "--data", str(data / "a"), "--out", str(run),
                               "--resume-from", "2", "--max-steps", "3", *TRAIN[2:])
     assert "cannot resume from step 2" in line and why in line
+
+
+# ----------------------------------------------------------------------------------- the server
+MODEL = "tiny-test"
+KEY = "sekret-key"
+
+
+@pytest.fixture(scope="module")
+def server(model, bpe):
+    from conftest import running_server
+    from yuanmoe.serving import create_app
+
+    app = create_app(model, bpe, MODEL, max_tokens_cap=64, max_batch_size=4, api_key=KEY, max_prompts=4,
+                     max_queued_tokens=2000)
+    with running_server(app) as url:
+        yield url, app
+
+
+def post(server, path: str, body, key: str | None = KEY, **kwargs):
+    import httpx
+
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        headers["content-type"] = "application/json"
+        return httpx.post(server[0] + path, content=body, headers=headers, timeout=30, **kwargs)
+    return httpx.post(server[0] + path, json=body, headers=headers, timeout=30, **kwargs)
+
+
+def openai_error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"], error
+    return error
+
+
+def test_bad_sampling_fields_get_400_and_extreme_ones_never_spoil_the_batch(server, model, bpe):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from yuanmoe.inference import SamplingParams, complete
+
+    good = {"model": MODEL, "prompt": "To be", "max_tokens": 8, "temperature": 0}
+    extreme = [{"temperature": 1e-300, "seed": 1}, {"temperature": 1.5, "top_k": 2**70, "seed": 2**63 - 1},
+               {"repetition_penalty": 1e-300, "temperature": 1, "seed": -2**63}]
+    invalid = [({"seed": 2**70}, "seed"), ('"temperature": NaN', "temperature"), ({"top_p": 0}, "top_p"),
+               ('"repetition_penalty": Infinity', "repetition_penalty"), ({"n": 9}, "n")]
+
+    def send(extra):
+        if isinstance(extra, str):  # a JSON body Python's reader accepts but JSON does not define
+            return post(server, "/v1/completions", json.dumps(good)[:-1] + ", " + extra + "}")
+        return post(server, "/v1/completions", {**good, **extra})
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(send, [{}] * 3 + extreme + [e for e, _ in invalid]))
+    expected = complete(model, bpe, ["To be"], SamplingParams(max_new_tokens=8, temperature=0))[0].text
+    assert [r.json()["choices"][0]["text"] for r in replies[:3]] == [expected] * 3
+    assert all(r.status_code == 200 for r in replies[3:6]), [r.text for r in replies[3:6]]
+    for reply, (_, param) in zip(replies[6:], invalid):
+        assert openai_error(reply, 400)["param"] == param
+
+
+def test_malformed_requests_answer_in_the_openai_shape(server):
+    import openai
+
+    error = openai_error(post(server, "/v1/completions", '{"model": "tiny-test", "prompt": "a\\ud800b"}'), 400)
+    assert "lone UTF-16 surrogate" in error["message"] and error["param"] == "prompt"
+    error = openai_error(post(server, "/v1/chat/completions", b'{"model": "tiny-test", "messages": "\xff\xfe"}'), 400)
+    assert "UTF-8" in error["message"]
+    error = openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": ""}), 400)
+    assert error["message"].startswith("the prompt is empty") and error["code"] is None
+    import httpx
+
+    wrong_method = httpx.get(server[0] + "/v1/completions", headers={"authorization": f"Bearer {KEY}"})
+    assert "does not take GET" in openai_error(wrong_method, 405)["message"]
+    client = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="there is no /v1/embeddings"):
+        client.embeddings.create(model=MODEL, input="hi")
+
+
+def test_api_key_is_required_except_for_health(server):
+    import httpx
+    import openai
+
+    for key in (None, "wrong"):
+        error = openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": "hi"}, key=key), 401)
+        assert error["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert httpx.get(server[0] + "/health").status_code == 200
+    assert post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_limits_answer_400_for_oversized_requests_and_429_when_busy(server):
+    error = openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 5}), 400)
+    assert "5 prompts in one request, but this server takes at most 4" in error["message"]
+    error = openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": ["a"] * 4, "n": 8,
+                                                          "max_tokens": 64}), 400)
+    assert "takes at most 2000 at a time" in error["message"]
+    scheduler = server[1].state.scheduler
+    scheduler.queued_tokens += 1990  # as if other requests held the queue
+    try:
+        busy = post(server, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 16})
+        assert openai_error(busy, 429)["code"] == "server_busy" and busy.headers["retry-after"] == "1"
+    finally:
+        scheduler.queued_tokens -= 1990
+    assert scheduler.queued_tokens == 0
+
+
+def test_metrics_count_requests_tokens_and_latencies(server):
+    import httpx
+
+    post(server, "/v1/completions", {"model": MODEL, "prompt": "To be", "max_tokens": 4, "temperature": 0})
+    text = httpx.get(server[0] + "/metrics", headers={"authorization": f"Bearer {KEY}"}).text
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if not line.startswith("#")}
+    assert values['yuan_http_requests_total{route="/v1/completions",status="200"}'] >= 1
+    assert values["yuan_generation_tokens_total"] >= 4 and values["yuan_prompt_tokens_total"] >= 1
+    assert values["yuan_time_to_first_token_seconds_count"] >= 1
+    assert values['yuan_time_to_first_token_seconds_bucket{le="+Inf"}'] == values[
+        "yuan_time_to_first_token_seconds_count"]
+    assert values["yuan_requests_waiting"] == 0 and values["yuan_queued_tokens"] == 0
+    assert "# TYPE yuan_request_duration_seconds histogram" in text
+
+
+def test_tokenizing_runs_off_the_event_loop(model, bpe):
+    """A prompt that takes a second to tokenize must not stall /health meanwhile."""
+    import threading
+    import time
+
+    import httpx
+
+    from conftest import running_server
+    from yuanmoe.serving import create_app
+
+    class SlowTokenizer:
+        def __getattr__(self, name):
+            return getattr(bpe, name)
+
+        def encode(self, text):
+            time.sleep(1.0)
+            return bpe.encode(text)
+
+    with running_server(create_app(model, SlowTokenizer(), MODEL, max_tokens_cap=4)) as url:
+        slow = threading.Thread(target=httpx.post, args=(url + "/v1/completions",),
+                                kwargs={"json": {"model": MODEL, "prompt": "hi", "max_tokens": 1}, "timeout": 30})
+        slow.start()
+        time.sleep(0.2)
+        start = time.monotonic()
+        assert httpx.get(url + "/health").status_code == 200
+        waited = time.monotonic() - start
+        slow.join()
+    assert waited < 0.5, f"/health waited {waited:.2f} s behind the tokenizer"
