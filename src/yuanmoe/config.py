@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -72,7 +73,7 @@ class YuanConfig:
             if not ok:
                 raise ConfigError(f"invalid config: {msg}")
 
-        for name, hint in typing.get_type_hints(YuanConfig).items():
+        for name, hint in _field_types().items():
             value = getattr(self, name)
             need(_has_type(value, hint), f"{name} must be {_type_words(hint)}, got {value!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
@@ -127,7 +128,7 @@ class YuanConfig:
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "YuanConfig":
         p = Path(path_or_text)
-        if isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and p.exists()):
+        if isinstance(path_or_text, Path) or _is_file(p):
             try:
                 text = p.read_text()
             except OSError as exc:
@@ -147,6 +148,18 @@ class YuanConfig:
         if unknown:
             raise ConfigError(f"invalid config: unknown field(s) {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # JSON text too long to be a file name
+        return False
+
+
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(YuanConfig)
 
 
 _TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
