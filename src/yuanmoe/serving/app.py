@@ -218,7 +218,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
         if len(prompts) > max_prompts:
             raise APIError(400, f"prompt: {len(prompts)} prompts in one request, but this server takes at most "
                                 f"{max_prompts}; split them over several requests", param="prompt")
-        requests = await run_in_threadpool(build_requests, body, prompts, False, body.max_tokens or 16)
+        requests = await run_in_threadpool(build_requests, body, prompts, False, body.max_tokens or min(16, cap))
         return await respond(body, requests, http, chat=False)
 
     @app.post("/v1/chat/completions")
