@@ -193,6 +193,78 @@ def test_resume_skips_a_damaged_last_checkpoint(data, run, tmp_path, capsys, dam
     assert "cannot resume from step 2" in line and why in line
 
 
+
+# Run in a child process: `yuan train` that kills itself with SIGKILL at one stage of the save of
+# step 2: "shards" (DCP shards written, nothing else) or "publish" (the folder complete under its
+# temporary name). A checkpoint damaged after its publication is test_resume_skips_a_damaged_last_checkpoint.
+CRASH = """
+import os, shutil, signal, sys
+from pathlib import Path
+import torch
+import yuanmoe.distributed.checkpoint as ckpt
+from yuanmoe.cli import main
+
+torch.set_num_threads(1)  # as the tests run, so the losses match to the bit
+
+stage = sys.argv[1]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+dcp, write = ckpt._dcp, ckpt.atomic_write_text
+
+def dcp_then_die(operation, state, path, single_process):
+    dcp(operation, state, path, single_process)
+    if stage == "shards" and "step-0000002" in str(path):
+        die()
+
+def write_then_die(path, text):
+    write(path, text)
+    if stage == "publish" and "step-0000002" in str(path):
+        die()
+
+ckpt._dcp, ckpt.atomic_write_text = dcp_then_die, write_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+STAGES = ("shards", "publish")
+
+
+@pytest.fixture(scope="module")
+def crashed(data, tmp_path_factory):
+    """One run folder per stage, each left by a training process killed there (all run at once)."""
+    root = tmp_path_factory.mktemp("crashed")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    children = {stage: subprocess.Popen(
+        [sys.executable, "-c", CRASH, stage, "train", "--data", str(data / "a"), "--out", str(root / stage),
+         "--max-steps", "2", "--save-every", "1", "--keep-last", "1", *TRAIN], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for stage in STAGES}
+    for stage, child in children.items():
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_kill_during_a_save_then_resume_gives_the_uninterrupted_run(data, run, crashed, stage):
+    from yuanmoe import from_pretrained
+
+    out = crashed / stage
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [".step-0000002.tmp", "step-0000001"]
+    assert main(["train", "--data", str(data / "a"), "--out", str(out), "--resume", "--max-steps", "2",
+                 "--keep-last", "1", *TRAIN[2:]]) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000002"]
+    resumed = from_pretrained(out / "checkpoints" / "step-0000002").state_dict()
+    uninterrupted = from_pretrained(run / "checkpoints" / "step-0000002").state_dict()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_stale_temporaries_are_removed_when_a_run_starts(run, data, tmp_path):
+    out = copy_run(run, tmp_path)
+    stale = out / "checkpoints" / ".step-0000003.tmp.tmp-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"0" * 1000)
+    assert main(["train", "--data", str(data / "a"), "--out", str(out), "--resume", "--max-steps", "2",
+                 *TRAIN[2:]]) == 0
+    assert not stale.exists()
+
 # ----------------------------------------------------------------------------------- the server
 MODEL = "tiny-test"
 KEY = "sekret-key"
