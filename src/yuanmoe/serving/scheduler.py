@@ -118,9 +118,9 @@ class Scheduler:
                 item = await events.get()
                 if isinstance(item, Exception):
                     raise item
-                index, event = item
-                running -= event.finished
-                yield index, event
+                for index, event in item:
+                    running -= event.finished
+                    yield index, event
         finally:
             for r in requests:
                 r.cancelled = True
@@ -147,8 +147,14 @@ class Scheduler:
                 running.clear()
                 batch = RunningBatch(self.model, self.tokenizer)
                 continue
+            # One delivery per caller per step: each wakes the caller's event loop, which the
+            # generation thread then competes with for the GIL.
+            by_caller: dict[int, tuple[_Job, list]] = {}
             for event in events:
-                self._on_event(running, event)
+                job = self._on_event(running, event)
+                by_caller.setdefault(id(job.events), (job, []))[1].append((job.index, event))
+            for job, items in by_caller.values():
+                self._deliver(job, items)
 
     def _collect(self, block: bool) -> bool:
         """Move newly queued groups to the pending ones; when idle (`block`) wait for the first and
@@ -199,7 +205,8 @@ class Scheduler:
             if job.request.finish_reason is None:
                 self.metrics.inc("prompt_tokens_total", len(job.request.prompt_ids))
 
-    def _on_event(self, running: dict[int, _Job], event: TextEvent) -> None:
+    def _on_event(self, running: dict[int, _Job], event: TextEvent) -> _Job:
+        """Account for one event; returns its job."""
         job = running[event.index]
         now = time.monotonic()
         if job.first_event is None:
@@ -216,7 +223,7 @@ class Scheduler:
                 self.metrics.observe("time_per_output_token_seconds",
                                      (now - job.first_event) / (len(request.output_ids) - 1))
             self._release(job)
-        self._deliver(job, (job.index, event))
+        return job
 
     def _fail(self, job: _Job, exc: Exception) -> None:
         job.request.finish_reason = "error"
