@@ -12,7 +12,7 @@ tokens per second of the load, disconnected requests' chunks included), p50/p99 
 p50/p99 time per output token after the first, HTTP errors, mixed-up and drifted answers, and the server's RSS
 before and after; then continuous over static. Both servers stay up and the load runs --repeats
 times against each in turn; each mode reports its best round (the least disturbed on a shared
-machine), and the errors and wrong answers of all rounds.
+machine), and the errors, mixed-up and drifted answers of all rounds.
 
 The model is a random tiny preset with a BPE tokenizer (random weights talk nonsense, but seeded
 nonsense is deterministic); the server runs with one torch thread (OMP_NUM_THREADS=1).
