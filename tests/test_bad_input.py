@@ -169,6 +169,35 @@ def test_nan_weights_are_named_on_load(run, tmp_path, capsys):
     assert "layers.1.self_attn.o_proj.weight holds NaN or infinite values" in line
 
 
+
+@pytest.mark.parametrize("suffix, message", [(":0", "must be positive, got 0.0"), (":-1", "must be positive"),
+                                             (":abc", "the blend weight after ':' must be a number, got 'abc'"),
+                                             (":nan", "must be positive, got nan")])
+def test_bad_blend_weights_are_named_and_leave_no_folder(data, tmp_path, capsys, suffix, message):
+    line = one_sentence_error(capsys, "data", "prepare", str(data / "a.txt") + suffix, "--out", str(tmp_path / "d"),
+                              "--train-tokenizer", "300", "--workers", "1")
+    assert message in line and not (tmp_path / "d").exists()
+
+
+def test_a_failed_prepare_removes_the_folder_it_made_and_results_are_readable_by_all(data, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    line = one_sentence_error(capsys, "data", "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d"),
+                              "--tokenizer", str(data / "a" / "tokenizer"), "--workers", "1")
+    assert "no documents" in line and not (tmp_path / "d").exists()
+    old = os.umask(0o022)
+    try:
+        assert main(["data", "prepare", str(data / "a.txt"), "--out", str(tmp_path / "d"), "--tokenizer",
+                     str(data / "a" / "tokenizer"), "--workers", "1"]) == 0
+    finally:
+        os.umask(old)
+    for name in ("meta.json", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "d" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_info_prints_small_models_in_millions(capsys):
+    assert main(["info", "--preset", "tiny"]) == 0
+    assert "0.413 M" in capsys.readouterr().out
+
 # ----------------------------------------------------------------------------------- damaged runs
 def copy_run(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, tmp_path / "run")

@@ -127,15 +127,15 @@ def run_chat(args) -> int:
             continue
         if not line:
             continue
+        alone = len(encode_prompt(tokenizer, [{"role": "user", "content": line}], chat=True))
+        if alone >= context:  # refuse it, keeping the conversation so far
+            print(f"(that message is {alone} tokens; the model's context is {context})", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         ids = encode_prompt(tokenizer, history, chat=True)
         while len(ids) >= context and len(history) > 1:
             history = history[2:]  # forget the oldest question and its answer
             ids = encode_prompt(tokenizer, history, chat=True)
-        if len(ids) >= context:
-            print(f"(that message is {len(ids)} tokens; the model's context is {context})", file=sys.stderr)
-            history = []
-            continue
         request = Request(ids, params, chat=True)
         sys.stdout.write("yuan> ")
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 from ..config import PRESETS, ConfigError, YuanConfig, preset
 from .config import add_train_options, train_config_from_args
@@ -45,9 +47,15 @@ def register(sub) -> None:
 def run_prepare(args) -> int:
     from ..data import prepare_dataset
 
-    meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
-                           heldout_fraction=args.heldout, seed=args.seed, workers=args.workers,
-                           official_lines=args.official_lines)
+    created = not Path(args.out).exists()
+    try:
+        meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer,
+                               train_tokenizer_vocab=args.train_tokenizer, heldout_fraction=args.heldout,
+                               seed=args.seed, workers=args.workers, official_lines=args.official_lines)
+    except BaseException:
+        if created:  # a failed command leaves no folder behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     for s in meta["sources"]:
         train = sum(x["tokens"] for x in s["train"])
         valid = sum(x["tokens"] for x in s["valid"])
