@@ -96,7 +96,7 @@ def test_data_prepared_before_fingerprints_is_checked_by_its_tokenizer_folder(da
     (["--grad-clip", "0"], "grad-clip must be positive"),
     (["--grad-clip", "-1"], "grad-clip must be positive"),
     (["--warmup-steps", "-1"], "warmup-steps must not be negative"),
-    (["--time-limit", "-5"], "--time-limit must be a positive number of seconds"),
+    (["--time-limit", "-5"], "--time-limit must be a number of seconds, at least 0"),
     (["--lr", "nan"], "--lr must be positive"),
     (["--set", "no_such_field=1"], "unknown field(s) no_such_field"),
     (["--set", "num_layers=null"], "num_layers must be an integer, got None"),

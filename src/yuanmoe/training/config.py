@@ -90,7 +90,8 @@ def check_train_numbers(cfg: TrainConfig) -> None:
               "weight-decay": (cfg.weight_decay, cfg.weight_decay >= 0, "at least 0"),
               "fim-spm-rate": (cfg.fim_spm_rate, 0 <= cfg.fim_spm_rate <= 1, "between 0 and 1")}
     if cfg.time_limit_s is not None:
-        checks["time-limit"] = (cfg.time_limit_s, cfg.time_limit_s > 0, "a positive number of seconds")
+        # 0 is allowed: one step, then stop (with its evaluation and checkpoint).
+        checks["time-limit"] = (cfg.time_limit_s, cfg.time_limit_s >= 0, "a number of seconds, at least 0")
     for name, (value, ok, words) in checks.items():
         if not (ok and math.isfinite(value)):
             raise ValueError(f"--{name} must be {words}, got {value}")
