@@ -97,7 +97,7 @@ def test_data_prepared_before_fingerprints_is_checked_by_its_tokenizer_folder(da
     (["--grad-clip", "-1"], "grad-clip must be positive"),
     (["--warmup-steps", "-1"], "warmup-steps must not be negative"),
     (["--time-limit", "-5"], "--time-limit must be a number of seconds, at least 0"),
-    (["--lr", "nan"], "--lr must be positive"),
+    (["--lr", "nan"], "--lr must be at least 0, got nan"),
     (["--set", "no_such_field=1"], "unknown field(s) no_such_field"),
     (["--set", "num_layers=null"], "num_layers must be an integer, got None"),
     (["--set", "num_layers=2.5"], "num_layers must be an integer, got 2.5"),

@@ -85,7 +85,7 @@ def check_train_numbers(cfg: TrainConfig) -> None:
     """The floating-point settings: finite, and within the range where they mean something."""
     import math
 
-    checks = {"lr": (cfg.lr, cfg.lr > 0, "positive"), "min-lr-ratio": (cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1,
+    checks = {"lr": (cfg.lr, cfg.lr >= 0, "at least 0"), "min-lr-ratio": (cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1,
                                                                        "between 0 and 1"),
               "weight-decay": (cfg.weight_decay, cfg.weight_decay >= 0, "at least 0"),
               "fim-spm-rate": (cfg.fim_spm_rate, 0 <= cfg.fim_spm_rate <= 1, "between 0 and 1")}
