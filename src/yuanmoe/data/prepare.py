@@ -65,7 +65,11 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
 
     if train_tokenizer_vocab is not None:
         texts = (document_text(d) for s in sources for d in s.documents())
-        tok = BPETokenizer.train(texts, train_tokenizer_vocab, show_progress=progress)
+        # The tokenizers library shows no progress while it reads an iterator of unknown length.
+        reading = tqdm(texts, desc=f"training a {train_tokenizer_vocab}-token BPE: reading", unit=" docs",
+                       disable=not progress, dynamic_ncols=True)
+        tok = BPETokenizer.train(reading, train_tokenizer_vocab, show_progress=progress)
+        reading.close()
     else:
         tok = load_tokenizer(tokenizer)
     if tokenizer_dir.exists():
