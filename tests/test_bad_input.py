@@ -353,6 +353,7 @@ def test_bad_sampling_fields_get_400_and_extreme_ones_never_spoil_the_batch(serv
 
 
 def test_malformed_requests_answer_in_the_openai_shape(server):
+    import httpx
     import openai
 
     error = openai_error(post(server, "/v1/completions", '{"model": "tiny-test", "prompt": "a\\ud800b"}'), 400)
@@ -361,8 +362,6 @@ def test_malformed_requests_answer_in_the_openai_shape(server):
     assert "UTF-8" in error["message"]
     error = openai_error(post(server, "/v1/completions", {"model": MODEL, "prompt": ""}), 400)
     assert error["message"].startswith("the prompt is empty") and error["code"] is None
-    import httpx
-
     wrong_method = httpx.get(server[0] + "/v1/completions", headers={"authorization": f"Bearer {KEY}"})
     assert "does not take GET" in openai_error(wrong_method, 405)["message"]
     client = openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
