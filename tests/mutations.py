@@ -151,6 +151,12 @@ MUTATIONS = [
     Mutation("the API key is not checked", "src/yuanmoe/serving/app.py",
              "        if api_key is not None and req.url.path", "        if False and req.url.path",
              ("tests/test_bad_input.py::test_api_key_is_required_except_for_health",)),
+    Mutation("waiting requests start first come, first served", "src/yuanmoe/serving/scheduler.py",
+             "            group = self._pending.popleft()\n            job = group.popleft()\n"
+             "            if group:\n                self._pending.append(group)",
+             "            group = self._pending[0]\n            job = group.popleft()\n"
+             "            if not group:\n                self._pending.popleft()",
+             ("tests/test_server.py::test_waiting_requests_start_round_robin_over_callers",)),
     Mutation("config field types unchecked", "src/yuanmoe/config.py",
              "            need(_has_type(value, hint), ", "            need(True, ",
              ("tests/test_properties.py", "tests/test_bad_input.py::test_nonsense_training_settings_are_refused")),

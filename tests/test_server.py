@@ -229,3 +229,30 @@ def test_a_request_arriving_mid_batch_joins_at_the_next_step_only_with_continuou
     assert (long.text, short.text) == tuple(r.text for r in (complete(model, tokenizer, [prompts[0]], long_params)[0],
                                                              complete(model, tokenizer, [prompts[1]], short_params)[0]))
     assert (max(scheduler.batch_sizes) == 2) == continuous
+
+
+def test_waiting_requests_start_round_robin_over_callers(checkpoint):
+    """One caller's many prompts do not hold back another caller's single one until they all ran."""
+    import asyncio
+
+    from yuanmoe.inference import Request, SamplingParams
+    from yuanmoe.serving.scheduler import Scheduler
+
+    model, tokenizer = checkpoint
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    many = [Request(tokenizer.encode(p), params) for p in ("To be", "A horse!", "Now is the", "First Citizen:") * 2]
+    single = Request(tokenizer.encode("O Romeo, Romeo"), params)
+    finished = []
+
+    async def body(scheduler):
+        async def consume(requests):
+            async for index, event in scheduler.submit(requests):
+                if event.finished:
+                    finished.append(requests[index])
+
+        first = asyncio.ensure_future(consume(many))
+        await asyncio.sleep(0.05)  # the many are queued (two running) before the single one arrives
+        await asyncio.gather(first, consume([single]))
+
+    run_scheduler(Scheduler(model, tokenizer, max_batch_size=2), body)
+    assert len(finished) == 9 and finished.index(single) < 6
