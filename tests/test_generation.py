@@ -238,3 +238,26 @@ def test_int8_weight_only_model_tracks_the_float_model():
     # Decoding one row at a time goes through the int8 kernel, the prefill through dequantized weights.
     assert decode_tokens(quantized, prompts[:1].tolist(), GREEDY, stop_token_ids=())[0][0] == \
         decode_tokens(model, prompts[:1].tolist(), GREEDY, stop_token_ids=())[0][0]
+
+
+@pytest.mark.parametrize("joins", [{2: 1, 3: 2, 9: 1}, {1: 1, 12: 1, 25: 1, 40: 1}])
+def test_sequences_joining_a_running_batch_decode_exactly_as_alone(model, joins):
+    """Continuous batching: sequences added mid-way (shorter and longer prompts, sampled ones with
+    seeds and a repetition penalty, some after the batch ran empty) give the tokens they give alone."""
+    greedy = SamplingParams(max_new_tokens=20, temperature=0)
+    sampled = SamplingParams(max_new_tokens=15, temperature=0.8, seed=7, repetition_penalty=1.3)
+    prompts = [[5, 6, 7], list(range(10, 40)), [100, 101], list(range(50, 58)), [9] * 12]
+    params = [greedy, sampled, greedy, sampled, greedy]
+    alone = [decode_tokens(model, [p], [q], stop_token_ids=())[0][0] for p, q in zip(prompts, params)]
+    decoder = BatchDecoder(model, prompts[:1], params[:1], stop_token_ids=())
+    started, step, widths = 1, 0, set()
+    while not decoder.done or started < len(prompts):
+        if step in joins:
+            assert decoder.add(prompts[started:started + joins[step]], params[started:started + joins[step]]) == \
+                list(range(started, started + joins[step]))
+            started += joins[step]
+        decoder.step()
+        widths.add(decoder.cache.max_len)
+        step += 1
+    assert decoder.generated == alone
+    assert min(widths) < max(widths) - 16  # slots of sequences that left were dropped (trim)

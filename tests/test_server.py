@@ -155,3 +155,104 @@ def test_generate_command_prints_the_completion_or_a_clear_error(checkpoint_dir,
     assert capsys.readouterr().out == expected + "\n"
     assert main(["generate", str(checkpoint_dir), "to be or not " * 400]) == 2
     assert "error: the prompt has" in capsys.readouterr().err
+
+
+def run_scheduler(scheduler, body):
+    """Run `body(scheduler)` (a coroutine function) with the scheduler's worker started."""
+    import asyncio
+
+    scheduler.start()
+    try:
+        return asyncio.run(body(scheduler))
+    finally:
+        scheduler.stop()
+
+
+async def answer(scheduler, request, finished_order=None):
+    async for _ in scheduler.submit([request]):
+        pass
+    if finished_order is not None:
+        finished_order.append(request)
+    return request
+
+
+def test_a_request_that_fails_to_start_fails_alone(checkpoint):
+    import asyncio
+
+    from yuanmoe.inference import Request, SamplingParams, complete
+    from yuanmoe.serving.scheduler import GenerationError, Scheduler
+
+    model, tokenizer = checkpoint
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    prompts = [tokenizer.encode(p) for p in ("To be", "A horse!")]
+    # An id outside the vocabulary gets past no HTTP check; here it stands for any request that
+    # cannot start. It arrives with the others and is prefilled with them.
+    bad = Request([5, model.config.vocab_size + 3], params)
+
+    async def body(scheduler):
+        return await asyncio.gather(answer(scheduler, Request(prompts[0], params)), answer(scheduler, bad),
+                                    answer(scheduler, Request(prompts[1], params)), return_exceptions=True)
+
+    first, failed, second = run_scheduler(Scheduler(model, tokenizer, max_batch_size=4, batch_wait_s=0.2), body)
+    assert isinstance(failed, GenerationError) and "out of range for a vocabulary" in str(failed)
+    expected = complete(model, tokenizer, ["To be", "A horse!"], params)
+    assert [first.text, second.text] == [r.text for r in expected]
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_arriving_mid_batch_joins_at_the_next_step_only_with_continuous_batching(checkpoint, continuous):
+    import asyncio
+
+    from yuanmoe.inference import Request, SamplingParams, complete
+    from yuanmoe.serving.scheduler import Scheduler
+
+    model, tokenizer = checkpoint
+    long_params, short_params = SamplingParams(max_new_tokens=120, temperature=0), SamplingParams(max_new_tokens=3,
+                                                                                                  temperature=0)
+    prompts = ["KING RICHARD:\nNow is the winter", "To be"]
+    long, short = (Request(tokenizer.encode(p), params) for p, params in zip(prompts, (long_params, short_params)))
+    finished = []
+
+    async def body(scheduler):
+        events = scheduler.submit([long])
+        first = await events.__anext__()  # the long request is decoding
+        assert not first[1].finished
+        later = asyncio.ensure_future(answer(scheduler, short, finished))
+        async for _ in events:
+            pass
+        finished.append(long)
+        await later
+
+    scheduler = Scheduler(model, tokenizer, max_batch_size=4, continuous=continuous)
+    run_scheduler(scheduler, body)
+    assert finished == ([short, long] if continuous else [long, short])
+    assert (long.text, short.text) == tuple(r.text for r in (complete(model, tokenizer, [prompts[0]], long_params)[0],
+                                                             complete(model, tokenizer, [prompts[1]], short_params)[0]))
+    assert (max(scheduler.batch_sizes) == 2) == continuous
+
+
+def test_waiting_requests_start_round_robin_over_callers(checkpoint):
+    """One caller's many prompts do not hold back another caller's single one until they all ran."""
+    import asyncio
+
+    from yuanmoe.inference import Request, SamplingParams
+    from yuanmoe.serving.scheduler import Scheduler
+
+    model, tokenizer = checkpoint
+    params = SamplingParams(max_new_tokens=20, temperature=0)
+    many = [Request(tokenizer.encode(p), params) for p in ("To be", "A horse!", "Now is the", "First Citizen:") * 2]
+    single = Request(tokenizer.encode("O Romeo, Romeo"), params)
+    finished = []
+
+    async def body(scheduler):
+        async def consume(requests):
+            async for index, event in scheduler.submit(requests):
+                if event.finished:
+                    finished.append(requests[index])
+
+        first = asyncio.ensure_future(consume(many))
+        await asyncio.sleep(0.05)  # the many are queued (two running) before the single one arrives
+        await asyncio.gather(first, consume([single]))
+
+    run_scheduler(Scheduler(model, tokenizer, max_batch_size=2), body)
+    assert len(finished) == 9 and finished.index(single) < 6

@@ -153,6 +153,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
 
         model = YuanForCausalLM(config)
         load_weights(folder, model)
+        check_finite(model.state_dict(), folder)
         return model.to(device=device, dtype=dtype).eval()
     weights = _WeightFiles(folder)
     model = empty_model(config)
@@ -174,8 +175,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         m = _LAYER.match(name)
         groups.setdefault(int(m.group(1)) if m else None, []).append(name)
     for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
-        model.load_state_dict(_read_group(weights, names, layer, config, fmt, dtype, device),
-                              strict=False, assign=True)
+        tensors = _read_group(weights, names, layer, config, fmt, dtype, device)
+        check_finite(tensors, folder)
+        model.load_state_dict(tensors, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -208,6 +210,15 @@ def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torc
     if dtype is not None:
         model.to(resolve_dtype(dtype))
     return model.eval()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Weights holding NaN or inf make every answer empty or garbage: refuse them by name. One sum
+    per tensor (NaN and inf survive it; finite weights are far too small to overflow it)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float32)):
+            raise CheckpointError(f"tensor {name} holds NaN or infinite values in {folder}; the checkpoint is damaged "
+                                  f"or comes from a run that diverged, so load an earlier one")
 
 
 def empty_model(config: YuanConfig) -> YuanForCausalLM:

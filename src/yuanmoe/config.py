@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +73,9 @@ class YuanConfig:
             if not ok:
                 raise ConfigError(f"invalid config: {msg}")
 
+        for name, hint in _field_types().items():
+            value = getattr(self, name)
+            need(_has_type(value, hint), f"{name} must be {_type_words(hint)}, got {value!r}")
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "attention_projection_size", "max_position_embeddings", "ffn_hidden_size"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
@@ -102,6 +109,8 @@ class YuanConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "YuanConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"invalid config: expected a JSON object of fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -119,7 +128,7 @@ class YuanConfig:
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "YuanConfig":
         p = Path(path_or_text)
-        if isinstance(path_or_text, Path) or (len(str(path_or_text)) < 4096 and p.exists()):
+        if isinstance(path_or_text, Path) or _is_file(p):
             try:
                 text = p.read_text()
             except OSError as exc:
@@ -135,7 +144,46 @@ class YuanConfig:
         return cls.from_dict(data)
 
     def replace(self, **changes) -> "YuanConfig":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"invalid config: unknown field(s) {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # JSON text too long to be a file name
+        return False
+
+
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(YuanConfig)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string",
+               dict: "a JSON object", type(None): "null"}
+
+
+def _options(hint) -> tuple:
+    return typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+
+
+def _has_type(value, hint) -> bool:
+    """JSON-level type check of a config value: bools are not integers, integers are numbers."""
+    for option in _options(hint):
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return math.isfinite(value)
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if option is not int and isinstance(value, option):
+            return True
+    return False
+
+
+def _type_words(hint) -> str:
+    return " or ".join(_TYPE_WORDS[option] for option in _options(hint))
 
 
 PRESETS: dict[str, dict] = {

@@ -55,8 +55,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps({"config": config.to_dict(), **stats}))
     else:
-        print(f"total parameters        {stats['total_params'] / 1e9:8.3f} B")
-        print(f"active per token        {stats['active_params'] / 1e9:8.3f} B")
+        print(f"total parameters        {_count(stats['total_params'])}")
+        print(f"active per token        {_count(stats['active_params'])}")
         print(f"forward GFLOPs / token  {stats['forward_gflops_per_token']:8.3f}"
               f"  (+ {stats['attention_gflops_per_token']:.3f} attention at {stats['attention_seq_len']} tokens)")
         print(f"layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads} x "
@@ -83,3 +83,8 @@ def load_any_config(path: str) -> YuanConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{p} must hold a JSON object")
     return config_from_official(data) if "model_type" in data else YuanConfig.from_dict(data)
+
+
+def _count(n: int) -> str:
+    """A parameter count in billions, or in millions below one billion (tiny presets are not 0.000 B)."""
+    return f"{n / 1e9:8.3f} B" if n >= 1e9 else f"{n / 1e6:8.3f} M"

@@ -1,13 +1,17 @@
 """Tokenizers: the official Yuan SentencePiece model, and a byte-level BPE for models trained here.
 
 Both expose the same interface: `encode(text) -> list[int]`, `decode(ids) -> str`,
-`encode_batch(texts)`, `eod_id`, `sep_id`, `pad_id`, `vocab_size`, `token_to_id(token)`, `save(dir)`.
-Special tokens written in the text (`<sep>`, `<eod>`, `<FIM_PREFIX>`, ...) encode to their own ids.
+`encode_batch(texts)`, `eod_id`, `sep_id`, `pad_id`, `vocab_size`, `token_to_id(token)`, `save(dir)`,
+`fingerprint()`. Special tokens written in the text (`<sep>`, `<eod>`, `<FIM_PREFIX>`, ...) encode to
+their own ids.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -57,6 +61,14 @@ class _SpecialTokenMixin:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def fingerprint(self) -> str:
+        """A short hash of the whole vocabulary (every token, in id order) and of the special-token ids.
+        Token ids only mean something with the tokenizer that made them: two BPEs trained on different
+        text differ here even when their vocabulary sizes are equal."""
+        vocabulary = [self.id_to_token(i) for i in range(self.vocab_size)]
+        text = json.dumps([vocabulary, sorted(self.special_ids.items())], ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def _check_ids(self, ids: list[int]) -> None:
         bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
@@ -239,3 +251,26 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if not path.exists():
         raise FileNotFoundError(f"no tokenizer at {path}")
     return BPETokenizer.from_pretrained(path) if path.suffix == ".json" else YuanTokenizer(path)
+
+
+def folder_fingerprint(path: str | Path) -> str | None:
+    """The fingerprint of the tokenizer saved in a checkpoint or tokenizer folder, None if it holds none."""
+    try:
+        return load_tokenizer(path).fingerprint()
+    except FileNotFoundError:
+        return None
+
+
+def check_same_tokenizer(first: str, first_fingerprint: str | None, second: str, second_fingerprint: str | None,
+                         fix: str) -> None:
+    """Refuse to mix token ids of two different tokenizers, in one sentence naming both; a side with no
+    fingerprint (a folder from before fingerprints, or one without a tokenizer) is accepted with a warning."""
+    if first_fingerprint is None or second_fingerprint is None:
+        missing = first if first_fingerprint is None else second
+        other = second if first_fingerprint is None else first
+        print(f"warning: {missing} has no tokenizer fingerprint (it holds no tokenizer or predates fingerprints), "
+              f"so it cannot be checked against {other}; make sure they share one tokenizer", file=sys.stderr)
+        return
+    if first_fingerprint != second_fingerprint:
+        raise ValueError(f"{first} uses tokenizer {first_fingerprint} but {second} uses tokenizer "
+                         f"{second_fingerprint}, whose token ids mean other things; {fix}")

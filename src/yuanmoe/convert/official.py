@@ -28,6 +28,15 @@ class CheckpointError(ValueError):
 
 def config_from_official(data: dict) -> YuanConfig:
     """Build a YuanConfig from an official config.json dict."""
+    try:
+        return _config_from_official(data)
+    except KeyError as exc:
+        raise ConfigError(f"invalid official config: it lacks the field {exc.args[0]!r}") from None
+    except (TypeError, AttributeError) as exc:
+        raise ConfigError(f"invalid official config: a field has the wrong type ({exc})") from None
+
+
+def _config_from_official(data: dict) -> YuanConfig:
     if data.get("model_type", "yuan") != "yuan":
         raise ConfigError(f"not a Yuan checkpoint: model_type is {data.get('model_type')!r}, expected 'yuan'")
     if data.get("use_shareqk"):

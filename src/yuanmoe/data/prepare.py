@@ -65,7 +65,11 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
 
     if train_tokenizer_vocab is not None:
         texts = (document_text(d) for s in sources for d in s.documents())
-        tok = BPETokenizer.train(texts, train_tokenizer_vocab, show_progress=progress)
+        # The tokenizers library shows no progress while it reads an iterator of unknown length.
+        reading = tqdm(texts, desc=f"training a {train_tokenizer_vocab}-token BPE: reading", unit=" docs",
+                       disable=not progress, dynamic_ncols=True)
+        tok = BPETokenizer.train(reading, train_tokenizer_vocab, show_progress=progress)
+        reading.close()
     else:
         tok = load_tokenizer(tokenizer)
     if tokenizer_dir.exists():
@@ -77,6 +81,7 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
         "dtype": "uint32",
         "tokenizer": "tokenizer",
         "vocab_size": tok.vocab_size,
+        "tokenizer_fingerprint": tok.fingerprint(),
         "eod_id": tok.eod_id,
         "sep_id": tok.sep_id,
         "pad_id": tok.pad_id,
@@ -244,3 +249,12 @@ def load_meta(folder: str | Path) -> dict:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} has format {meta.get('format')!r}, expected {FORMAT!r}; prepare the data again")
     return meta
+
+
+def data_tokenizer_fingerprint(folder: str | Path, meta: dict) -> str:
+    """The fingerprint of the tokenizer the data was made with: the one meta.json records, or, for data
+    prepared before fingerprints, that of its tokenizer folder."""
+    from ..tokenizer import load_tokenizer
+
+    stored = meta.get("tokenizer_fingerprint")
+    return stored if stored is not None else load_tokenizer(Path(folder) / meta["tokenizer"]).fingerprint()

@@ -9,6 +9,7 @@ fine-tuning can train on the answer only.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Union
@@ -38,7 +39,7 @@ class Source:
     official_lines: bool = False
 
     def __post_init__(self) -> None:
-        if self.weight <= 0:
+        if not (self.weight > 0 and math.isfinite(self.weight)):
             raise ValueError(f"the weight of input {self.name or self.paths[0]} must be positive, got {self.weight}")
         self.files = list_files(self.paths)
         if not self.name:
@@ -52,12 +53,14 @@ class Source:
 def parse_input(spec: str) -> Source:
     """`PATH` or `PATH:WEIGHT` (the Megatron-style blend weight of that input)."""
     path, sep, weight = spec.rpartition(":")
-    if sep:
-        try:
-            return Source([Path(path)], float(weight))
-        except ValueError:
-            pass
-    return Source([Path(spec)])
+    if not sep or Path(spec).exists():
+        return Source([Path(spec)])
+    try:
+        value = float(weight)
+    except ValueError:
+        raise ValueError(f"input {spec!r}: the blend weight after ':' must be a number, got {weight!r} "
+                         f"(write PATH or PATH:WEIGHT)") from None
+    return Source([Path(path)], value)
 
 
 def list_files(paths: list[Path]) -> list[Path]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from ..config import YuanConfig
+from ..convert.official import CheckpointError
 from ..utils import atomic_write_text
 from .parallel_model import ParallelModel, _unwrap
 
@@ -163,6 +165,37 @@ def _check_folder(path: Path) -> None:
                                 f"give a checkpoints/step-N folder of a training run")
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """What makes a run checkpoint unusable (a missing or truncated file, unreadable JSON), or None.
+    Reads only headers and sizes, so every rank comes to the same answer quickly."""
+    path = Path(path)
+    if not is_run_checkpoint(path):
+        return "it has no .metadata or config.json"
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except Exception as exc:  # a truncated pickle raises whatever unpickling hits first
+        return f"its .metadata cannot be read ({type(exc).__name__})"
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        if not (path / name).is_file() or (path / name).stat().st_size < size:
+            return f"its shard {name} is missing or truncated"
+    try:
+        state = json.loads((path / EXTRA_FILE).read_text())
+        YuanConfig.from_json(path / CONFIG_FILE)
+    except (OSError, ValueError) as exc:
+        return f"its {EXTRA_FILE} or {CONFIG_FILE} cannot be read ({exc})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        return f"its {EXTRA_FILE} holds no step"
+    for rng_file in sorted((path / RNG_DIR).glob("rank-*.pt")):
+        try:
+            torch.load(rng_file, weights_only=False)
+        except Exception as exc:  # a truncated zip or pickle raises whatever it hits first
+            return f"its {RNG_DIR}/{rng_file.name} cannot be read ({type(exc).__name__})"
+    return None
+
+
 def load_checkpoint(path: str | Path, model: ParallelModel | nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a checkpoint saved at any world size and layout into `model` (parallelized or plain) and
@@ -213,6 +246,35 @@ class Checkpointer:
         found = self.all()
         return found[-1] if found else None
 
+    def resumable(self, step: int | None = None) -> Path:
+        """The checkpoint to resume: that of `step` if given, else the newest intact one; damaged newer
+        ones (a disk that failed, a file cut short) are skipped with a warning."""
+        if step is not None:
+            path = self.root / f"step-{step:07d}"
+            problem = checkpoint_problem(path) if path.is_dir() else "it does not exist"
+            if problem:
+                have = ", ".join(str(int(p.name[5:])) for p in self.all()) or "none"
+                raise CheckpointError(f"cannot resume from step {step}: {path} is not usable because {problem} "
+                                      f"(steps saved: {have})")
+            return path
+        skipped = []
+        for path in reversed(self.all()):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                for bad, why in skipped:
+                    print(f"warning: skipping checkpoint {bad}: {why}; resuming from {path.name}", file=sys.stderr)
+                return path
+            skipped.append((path, problem))
+        raise CheckpointError(f"no checkpoint in {self.root} can be resumed: "
+                              + "; ".join(f"{p.name}: {why}" for p, why in skipped))
+
+    def remove_temporaries(self) -> None:
+        """Delete the hidden folders of saves that a crash (kill -9, power loss) interrupted; they can
+        be as large as the model. Only the leader calls it, before the run saves anything."""
+        if self.root.is_dir():
+            for tmp in self.root.glob(".step-*.tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+
     def save(self, step: int, model: ParallelModel | nn.Module, optimizer: torch.optim.Optimizer,
              state: dict) -> Path:
         """Every rank calls it; `state` (JSON-able) comes back from `load`."""
@@ -239,7 +301,12 @@ class Checkpointer:
         rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
         rng_file = Path(path) / RNG_DIR / f"rank-{rank}.pt"
         if state.get("world_size") == world and rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            try:
+                rng = torch.load(rng_file, weights_only=False)
+            except Exception as exc:  # a truncated zip or pickle raises whatever it hits first
+                raise CheckpointError(f"{rng_file} is damaged ({type(exc).__name__}); resume an earlier step "
+                                      f"with --resume-from STEP") from None
+            _set_rng_state(rng)
         return state
 
 

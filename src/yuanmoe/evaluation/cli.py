@@ -93,6 +93,12 @@ def run_benchmark(args) -> int:
                             workers=getattr(args, "workers", 4))
     if settings.max_new_tokens is not None and settings.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {settings.max_new_tokens}")
+    if not settings.timeout_s > 0 or settings.timeout_s == float("inf"):
+        raise ValueError(f"--timeout must be a positive number of seconds, got {settings.timeout_s}")
+    for flag, value, least in (("--memory-mb", settings.memory_mb, 1), ("--workers", settings.workers, 1),
+                               ("--limit", args.limit, 1), ("--shots", settings.shots, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
     if not Path(args.data).is_dir():
         raise FileNotFoundError(f"benchmark data folder {args.data} does not exist; point --data at it")
     result = run_task(args.eval_task, _load(args), args.data, settings)

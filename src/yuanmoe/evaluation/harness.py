@@ -99,7 +99,7 @@ def _import_lm_eval():
     try:
         import lm_eval
     except ImportError:
-        raise ValueError("lm-evaluation-harness is not installed; install it with pip install 'yuanmoe[eval]'") from None
+        raise ValueError("lm-evaluation-harness is not installed; install it with pip install -e '.[eval]' in the repository (docs/evaluation.md)") from None
     return lm_eval
 
 

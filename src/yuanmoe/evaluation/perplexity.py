@@ -20,11 +20,17 @@ from .lm import EvalModel
 def prepared_documents(folder: Path, tokenizer, split: str) -> Iterator[list[int]]:
     """The documents of one split ("valid" or "train") of a prepared data folder, as token ids."""
     from ..data import load_meta
+    from ..data.prepare import data_tokenizer_fingerprint
+    from ..tokenizer import check_same_tokenizer
 
     meta = load_meta(folder)
-    if (meta["vocab_size"], meta["eod_id"]) != (tokenizer.vocab_size, tokenizer.eod_id):
-        raise ValueError(f"{folder} was prepared with a different tokenizer (vocabulary {meta['vocab_size']}, "
-                         f"<eod> {meta['eod_id']}) than the checkpoint's ({tokenizer.vocab_size}, {tokenizer.eod_id})")
+    check_same_tokenizer("the checkpoint", tokenizer.fingerprint(), f"the data in {folder}",
+                         data_tokenizer_fingerprint(folder, meta), "score data prepared with the checkpoint's "
+                         "tokenizer, or give text files to tokenize here")
+    return _prepared_documents(folder, meta, split)
+
+
+def _prepared_documents(folder: Path, meta: dict, split: str) -> Iterator[list[int]]:
     for source in meta["sources"]:
         for shard in source[split]:
             tokens = np.memmap(folder / shard["file"], dtype=np.uint32, mode="r")

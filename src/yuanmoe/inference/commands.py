@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def register(sub) -> None:
     s.add_argument("--model-name", help="the model id clients ask for (default: the checkpoint folder name)")
     s.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     s.add_argument("--max-tokens-cap", type=int, help="largest max_tokens a request may ask (default: context)")
+    s.add_argument("--api-key", default=os.environ.get("YUAN_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every request but /health (default: the "
+                        "YUAN_API_KEY environment variable; none: no key)")
+    s.add_argument("--max-prompts", type=int, default=64, help="prompts one completion request may hold (default 64)")
+    s.add_argument("--max-queued-tokens", type=int,
+                   help="work accepted at once, in prompt plus max_tokens tokens; beyond it requests get 429 "
+                        "(default: four full batches of the model's context)")
+    s.add_argument("--batching", choices=["continuous", "static"], default="continuous",
+                   help="continuous: requests join the running batch at the next step (default); static: "
+                        "a batch runs to its end before the next starts")
     s.set_defaults(func=run_serve)
 
 
@@ -116,15 +127,15 @@ def run_chat(args) -> int:
             continue
         if not line:
             continue
+        alone = len(encode_prompt(tokenizer, [{"role": "user", "content": line}], chat=True))
+        if alone >= context:  # refuse it, keeping the conversation so far
+            print(f"(that message is {alone} tokens; the model's context is {context})", file=sys.stderr)
+            continue
         history.append({"role": "user", "content": line})
         ids = encode_prompt(tokenizer, history, chat=True)
         while len(ids) >= context and len(history) > 1:
             history = history[2:]  # forget the oldest question and its answer
             ids = encode_prompt(tokenizer, history, chat=True)
-        if len(ids) >= context:
-            print(f"(that message is {len(ids)} tokens; the model's context is {context})", file=sys.stderr)
-            history = []
-            continue
         request = Request(ids, params, chat=True)
         sys.stdout.write("yuan> ")
         try:
@@ -137,14 +148,28 @@ def run_chat(args) -> int:
         history.append({"role": "assistant", "content": request.text})
 
 
+def check_serve_args(args) -> None:
+    """The server's numbers, checked before the model loads."""
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    for name in ("max_batch_size", "max_tokens_cap", "max_prompts", "max_queued_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.api_key == "":
+        raise ValueError("--api-key (or YUAN_API_KEY) is empty; give a key, or unset it to serve without one")
+
+
 def run_serve(args) -> int:
     import uvicorn
 
     from ..serving import create_app
 
+    check_serve_args(args)
     model, tokenizer = load(args)
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(model, tokenizer, name, max_tokens_cap=args.max_tokens_cap,
-                     max_batch_size=args.max_batch_size)
+                     max_batch_size=args.max_batch_size, api_key=args.api_key, max_prompts=args.max_prompts,
+                     max_queued_tokens=args.max_queued_tokens, continuous=args.batching == "continuous")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

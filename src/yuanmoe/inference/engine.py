@@ -1,4 +1,5 @@
-"""Text in, text out: requests decoded together as one batch, their text streamed as it appears."""
+"""Text in, text out: requests decoded together as one batch, their text streamed as it appears;
+more requests can join a running batch between steps (continuous batching)."""
 
 from __future__ import annotations
 
@@ -30,32 +31,64 @@ class TextEvent:
     finished: bool  # the request's last event; its finish_reason is set
 
 
-def run_requests(model, tokenizer, requests: list[Request]) -> Iterator[TextEvent]:
-    """Decode the requests as one batch, yielding their text as it appears and one final event each."""
-    decoder = BatchDecoder(model, [r.prompt_ids for r in requests], [r.params for r in requests],
-                           stop_token_ids=(tokenizer.eod_id,))
-    streams = [TextStream(tokenizer, r.prompt_ids, r.params.stop, r.chat) for r in requests]
-    while not decoder.done:
-        for i, r in enumerate(requests):
+class RunningBatch:
+    """Requests decoded together; `add` starts more between steps, `step` advances every running one
+    by a token and returns their events: new text, and one final event per request. An event's
+    index is the request's sequence number, which `add` returns."""
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.decoder: BatchDecoder | None = None
+        self.requests: dict[int, Request] = {}  # the running ones, by sequence number
+        self.streams: dict[int, TextStream] = {}
+
+    def add(self, requests: list[Request]) -> list[int]:
+        """Check and prefill the requests now (a bad prompt raises ValueError and starts none of
+        them); they produce tokens from the next step. Returns their sequence numbers."""
+        prompts, params = [r.prompt_ids for r in requests], [r.params for r in requests]
+        if self.decoder is None or self.decoder.done:
+            self.decoder = BatchDecoder(self.model, prompts, params, stop_token_ids=(self.tokenizer.eod_id,))
+            seqs = list(range(len(requests)))
+        else:
+            seqs = self.decoder.add(prompts, params)
+        for seq, r in zip(seqs, requests):
+            self.requests[seq] = r
+            self.streams[seq] = TextStream(self.tokenizer, r.prompt_ids, r.params.stop, r.chat)
+        return seqs
+
+    def step(self) -> list[TextEvent]:
+        decoder, eod = self.decoder, self.tokenizer.eod_id
+        for seq, r in self.requests.items():
             if r.cancelled:
-                decoder.finish(i, "cancelled")
-        new_text = dict.fromkeys(range(len(requests)), "")
-        for i, token in decoder.step():
-            requests[i].output_ids.append(token)
-            if token != tokenizer.eod_id:
-                new_text[i] = streams[i].push(token)
-                if streams[i].stopped:
-                    decoder.finish(i, "stop")
-        for i, r in enumerate(requests):
-            if r.finish_reason is not None:
-                continue
-            text, reason = new_text[i], decoder.finish_reasons[i]
+                decoder.finish(seq, "cancelled")
+        new_text = dict.fromkeys(self.requests, "")
+        for seq, token in decoder.step():
+            self.requests[seq].output_ids.append(token)
+            if token != eod:
+                new_text[seq] = self.streams[seq].push(token)
+                if self.streams[seq].stopped:
+                    decoder.finish(seq, "stop")
+        events = []
+        for seq, r in list(self.requests.items()):
+            text, reason = new_text[seq], decoder.finish_reasons[seq]
             if reason is not None:
-                text += streams[i].flush()
+                text += self.streams.pop(seq).flush()
                 r.finish_reason = reason
+                del self.requests[seq]
+                decoder.forget(seq)
             r.text += text
             if text or reason is not None:
-                yield TextEvent(i, text, reason is not None)
+                events.append(TextEvent(seq, text, reason is not None))
+        return events
+
+
+def run_requests(model, tokenizer, requests: list[Request]) -> Iterator[TextEvent]:
+    """Decode the requests as one batch, yielding their text as it appears and one final event each
+    (an event's index is the request's position in `requests`)."""
+    batch = RunningBatch(model, tokenizer)
+    batch.add(requests)
+    while batch.requests:
+        yield from batch.step()
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = False) -> list[int]:

@@ -3,7 +3,9 @@
 The prompts are left-padded and prefilled in one forward: each pad gets position 0 (a document of
 its own) and each prompt positions 0..n-1, so the model keeps pads out of attention and out of the
 LFA filter. Then one token per step goes through the preallocated cache; a sequence that finishes
-is dropped from the batch (`DecodeCache.reorder`), so the others never wait on dead rows.
+is dropped from the batch (`DecodeCache.reorder`), so the others never wait on dead rows. More
+sequences can join a running batch (`BatchDecoder.add`, continuous batching): they are prefilled on
+their own and their cache rows appended, right-aligned, at the next step.
 
 The values the model does not check in a decode step are checked here, from Python lists, before
 the first forward: every prompt id is in the vocabulary, and the budgets keep every position
@@ -44,7 +46,8 @@ class BatchDecoder:
 
     A sequence stops at a stop token (reason "stop"), after its max_new_tokens or at the end of the
     model's context ("length"), or when the caller ends it with `finish()` (a stop string, a client
-    that went away). Finished sequences leave the batch before the next forward.
+    that went away). Finished sequences leave the batch before the next forward; `add()` starts
+    more, which join at the next step.
 
     `compile=True` runs the decode steps through `compiled_decode_step()` (the first one compiles);
     the prefill stays eager.
@@ -92,6 +95,26 @@ class BatchDecoder:
             self._logits = model(input_ids.to(device), position_ids=positions.to(device),
                                  cache=self.cache, logits_to_keep=1).logits[:, -1]
         self._last_tokens: torch.Tensor | None = None  # [rows, 1] the tokens chosen at the last step
+        self._joining: list[BatchDecoder] = []  # prefilled sequences that join at the next step
+        self._joined = False  # whether any have joined: only then can slots lose all their rows
+
+    def add(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[int]:
+        """Start more sequences while the batch runs: checked and prefilled now, in a forward of their
+        own (a bad prompt raises here and changes nothing), they join the batch at the next `step()`.
+        Returns their sequence numbers."""
+        joining = BatchDecoder(self.model, prompts, params, tuple(self.stop_token_ids))
+        first = len(self.finish_reasons)
+        joining.rows = list(range(first, first + len(prompts)))
+        self.budgets += joining.budgets
+        self.generated += joining.generated
+        self.finish_reasons += joining.finish_reasons
+        self._joining.append(joining)
+        return joining.rows
+
+    def forget(self, seq: int) -> None:
+        """Drop the tokens kept for a finished sequence; a batch that others keep joining lives long."""
+        if self.finish_reasons[seq] is not None:
+            self.generated[seq] = []
 
     @property
     def done(self) -> bool:
@@ -106,13 +129,17 @@ class BatchDecoder:
     def step(self) -> list[tuple[int, int]]:
         """Choose the next token of every running sequence; returns (sequence, token) pairs."""
         self._drop_finished()
-        if not self.rows:
-            return []
-        if self._last_tokens is not None:
+        if self._last_tokens is not None and self.rows:
             if self.slots_written == self.cache.max_len:
                 self.cache.grow(min(2 * self.cache.max_len, self.slots_needed))
             self._logits = self._decode_step(self.model, self._last_tokens, self.cache)
             self.slots_written += 1
+        self._last_tokens = None
+        if self._joining:
+            self._merge_joining()
+            self._drop_finished()
+        if not self.rows:
+            return []
         chosen = self.sampler(self._logits)
         tokens = chosen.tolist()
         for seq, token in zip(self.rows, tokens):
@@ -136,6 +163,30 @@ class BatchDecoder:
             self._last_tokens = self._last_tokens[index]
         if keep:
             self.cache.reorder(index)
+            if self._joined:  # slots only the rows that left attended to: drop them once they add up
+                self.slots_written -= self.cache.trim(min_slots=self.cache.max_len // 4)
+                self._update_slots_needed()
+
+    def _merge_joining(self) -> None:
+        """Append the joining sequences' cache rows, sampler rows and next-token logits to the batch."""
+        for joining in self._joining:
+            if not self.rows:  # nothing left running: the joining batch takes over
+                self.cache, self.sampler, self._logits = joining.cache, joining.sampler, joining._logits
+                self.slots_written, self.rows = joining.slots_written, list(joining.rows)
+                continue
+            self.cache.append_rows(joining.cache)
+            self.sampler.extend(joining.sampler)
+            self._logits = torch.cat([self._logits, joining._logits])
+            self.slots_written = max(self.slots_written, joining.slots_written)
+            self.rows += joining.rows
+            self._joined = True
+        self._joining = []
+        self._update_slots_needed()
+
+    def _update_slots_needed(self) -> None:
+        """Slots the running sequences may still fill: the written ones plus the longest budget left."""
+        left = max((self.budgets[seq] - len(self.generated[seq]) for seq in self.rows), default=0)
+        self.slots_needed = self.slots_written + left
 
 
 def check_prompt_length(num_tokens: int, context: int) -> None:

@@ -3,9 +3,13 @@ top-p and a repetition penalty, each row of a batch with its own settings and it
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+# torch.Generator.manual_seed takes any integer in this range.
+SEED_RANGE = (-2**63, 2**64 - 1)
 
 
 @dataclass
@@ -22,6 +26,11 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]}, got {self.seed}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -66,13 +75,27 @@ class BatchSampler:
         if self.seen is not None:
             self.seen = self.seen[rows]
 
+    def extend(self, other: "BatchSampler") -> None:
+        """Add the rows of another sampler (sequences joining a running batch) after these."""
+        if (self.seen is None) != (other.seen is None):
+            # Rows without a repetition penalty ignore the mask, so the side without one gets an empty one.
+            has, lacks = (self, other) if other.seen is None else (other, self)
+            lacks.seen = has.seen.new_zeros(len(lacks.params), has.seen.shape[1])
+        self.params += other.params
+        self.generators += other.generators
+        self.penalty = torch.cat([self.penalty, other.penalty])
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, other.seen])
+
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] -> token ids [rows]."""
         logits = logits.float()
         if self.seen is not None:
-            # CTRL-style penalty: shrink the logit of every token seen so far, whatever its sign.
+            # CTRL-style penalty: shrink the logit of every token seen so far, whatever its sign. A
+            # tiny or huge penalty may overflow; clamping keeps every logit finite for what follows.
             penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            logits = torch.where(self.seen, penalized, logits)
+            big = torch.finfo(logits.dtype).max
+            logits = torch.where(self.seen, penalized, logits).clamp(-big, big)
         tokens = logits.argmax(dim=-1)
         sampled = [row for row, p in enumerate(self.params) if not p.greedy]
         if sampled:
@@ -87,12 +110,16 @@ class BatchSampler:
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
-        logits = logits / temperature
+        # A temperature below float32's smallest normal number would round to 0 in the tensor.
+        tiny = torch.finfo(torch.float32).tiny
+        temperature = torch.tensor([max(p.temperature, tiny) for p in params], device=device).unsqueeze(1)
+        # Shift each row's largest logit to 0 first: then any positive temperature, however small,
+        # divides into 0 and negative numbers (at worst -inf), never into inf - inf = nan.
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
         rank = torch.arange(vocab, device=device)
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=device).unsqueeze(1)
+        top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=device).unsqueeze(1)
         drop = rank >= top_k
         # Top-p keeps the smallest prefix whose mass reaches p: a token goes once the mass before it does.
         top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)

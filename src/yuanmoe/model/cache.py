@@ -92,6 +92,44 @@ class DecodeCache:
         self.v = [torch.cat([v, v.new_zeros(*v.shape[:2], extra, v.shape[3])], dim=2) for v in self.v]
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch_size, extra)], dim=1)
 
+    def append_rows(self, other: "DecodeCache") -> None:
+        """Add the rows of `other` (sequences prefilled on their own) to this batch, right-aligned: the
+        written slots of both end at one slot, the shorter side gaining invalid slots on its left, so
+        every row writes its next token to the same slot. Positions, the LFA state and `valid` are per
+        row, so no row sees the others' keys or changes its own computation."""
+        mine, theirs = int(self.length), int(other.length)
+        length = max(mine, theirs)
+        capacity = length + max(self.max_len - mine, other.max_len - theirs)
+
+        def aligned(t: torch.Tensor, written: int, dim: int) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = capacity
+            out = t.new_zeros(shape)
+            out.narrow(dim, length - written, written).copy_(t.narrow(dim, 0, written))
+            return out
+
+        for name in ("k", "v"):
+            setattr(self, name, [torch.cat([aligned(a, mine, 2), aligned(b, theirs, 2)])
+                                 for a, b in zip(getattr(self, name), getattr(other, name))])
+        self.lfa = [torch.cat([a, b]) for a, b in zip(self.lfa, other.lfa)]
+        self.valid = torch.cat([aligned(self.valid, mine, 1), aligned(other.valid, theirs, 1)])
+        self.next_position = torch.cat([self.next_position, other.next_position])
+        self.length.fill_(length)
+
+    def trim(self, min_slots: int = 1) -> int:
+        """Drop the leading slots that no row attends to any more (their rows have left), if there are
+        at least `min_slots`, so a batch that new sequences keep joining does not grow without end;
+        returns how many were dropped."""
+        used = self.valid.any(dim=0)
+        first = int(used.int().argmax()) if bool(used.any()) else int(self.length)
+        if first >= max(min_slots, 1):
+            for name in ("k", "v"):
+                setattr(self, name, [t[:, :, first:].clone() for t in getattr(self, name)])
+            self.valid = self.valid[:, first:].clone()
+            self.length.sub_(first)
+            return first
+        return 0
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the rows in `index` (in that order), e.g. to drop finished sequences."""
         for name in ("k", "v", "lfa"):

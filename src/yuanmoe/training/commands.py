@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 from ..config import PRESETS, ConfigError, YuanConfig, preset
 from .config import add_train_options, train_config_from_args
@@ -36,6 +38,8 @@ def register(sub) -> None:
                    help="override a config field, e.g. --set num_layers=4 --set router=linear")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out "
                                                         "(saved at any world size)")
+    t.add_argument("--resume-from", type=int, metavar="STEP",
+                   help="continue from the checkpoint of this step (implies --resume)")
     add_train_options(t)
     t.set_defaults(func=run_train)
 
@@ -43,9 +47,15 @@ def register(sub) -> None:
 def run_prepare(args) -> int:
     from ..data import prepare_dataset
 
-    meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
-                           heldout_fraction=args.heldout, seed=args.seed, workers=args.workers,
-                           official_lines=args.official_lines)
+    created = not Path(args.out).exists()
+    try:
+        meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer,
+                               train_tokenizer_vocab=args.train_tokenizer, heldout_fraction=args.heldout,
+                               seed=args.seed, workers=args.workers, official_lines=args.official_lines)
+    except BaseException:
+        if created:  # a failed command leaves no folder behind
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     for s in meta["sources"]:
         train = sum(x["tokens"] for x in s["train"])
         valid = sum(x["tokens"] for x in s["valid"])
@@ -87,10 +97,11 @@ def run_train(args) -> int:
     from ..data import load_meta
     from .trainer import train
 
+    args.resume = args.resume or args.resume_from is not None
     if not (args.resume or args.init_from or args.preset or args.config):
         raise ConfigError("give --preset, --config or --init for a new run (or --resume to continue one)")
     config = model_config_from_args(args, load_meta(args.data))
-    result = train(config, train_config_from_args(args), resume=args.resume)
+    result = train(config, train_config_from_args(args), resume=args.resume, resume_from=args.resume_from)
     held_out = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"step {result.step}: checkpoint {result.checkpoint}{held_out}")

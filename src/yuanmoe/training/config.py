@@ -80,6 +80,7 @@ class TrainConfig:
             LoraSpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets)  # says what is wrong, if anything
         if self.warmup_steps < 0:
             raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
+        check_train_numbers(self)
         self.dtype = dtype_name(resolve_dtype(self.dtype))
         if self.dtype == "float16":
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; "
@@ -95,6 +96,22 @@ class TrainConfig:
         from .lora import LoraSpec
 
         return None if self.lora_rank is None else LoraSpec.parse(self.lora_rank, self.lora_alpha, self.lora_targets)
+
+
+def check_train_numbers(cfg: TrainConfig) -> None:
+    """The floating-point settings: finite, and within the range where they mean something."""
+    import math
+
+    checks = {"lr": (cfg.lr, cfg.lr >= 0, "at least 0"), "min-lr-ratio": (cfg.min_lr_ratio, 0 <= cfg.min_lr_ratio <= 1,
+                                                                       "between 0 and 1"),
+              "weight-decay": (cfg.weight_decay, cfg.weight_decay >= 0, "at least 0"),
+              "fim-spm-rate": (cfg.fim_spm_rate, 0 <= cfg.fim_spm_rate <= 1, "between 0 and 1")}
+    if cfg.time_limit_s is not None:
+        # 0 is allowed: one step, then stop (with its evaluation and checkpoint).
+        checks["time-limit"] = (cfg.time_limit_s, cfg.time_limit_s >= 0, "a number of seconds, at least 0")
+    for name, (value, ok, words) in checks.items():
+        if not (ok and math.isfinite(value)):
+            raise ValueError(f"--{name} must be {words}, got {value}")
 
 
 def add_train_options(parser: argparse.ArgumentParser) -> None:

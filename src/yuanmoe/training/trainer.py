@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import signal
 import threading
 import time
@@ -64,11 +65,12 @@ class TrainResult:
     model: nn.Module | None = None  # the trained model (this rank's share of it under torchrun)
 
 
-def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False) -> TrainResult:
+def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False,
+          resume_from: int | None = None) -> TrainResult:
     """Train `model_config` from scratch on cfg.data, start from the weights of cfg.init_from, or
-    continue the latest checkpoint in cfg.out (saved at any world size). With a checkpoint
-    `model_config` may be None; if given it must match the checkpoint's architecture. Launched by
-    torchrun, every rank calls this with the same arguments."""
+    continue the newest intact checkpoint in cfg.out (saved at any world size), or that of step
+    `resume_from`. With a checkpoint `model_config` may be None; if given it must match the
+    checkpoint's architecture. Launched by torchrun, every rank calls this with the same arguments."""
     from ..tokenizer import load_tokenizer
 
     device = init_distributed(cfg.device)
@@ -78,7 +80,10 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     run_dir, data_dir = Path(cfg.out), Path(cfg.data)
     meta = load_meta(data_dir)
     tokenizer = load_tokenizer(data_dir / meta["tokenizer"])
+    fingerprint = tokenizer.fingerprint()
     checkpointer = Checkpointer(run_dir, cfg.keep_last, tokenizer)
+    if leader:
+        checkpointer.remove_temporaries()
     latest = checkpointer.latest()
     if resume and latest is None:
         old_format = sorted(checkpointer.root.glob("step-*/trainer_state.pt")) if checkpointer.root.is_dir() else []
@@ -88,7 +93,11 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
         raise FileNotFoundError(f"--resume: {checkpointer.root} holds no checkpoint to continue from")
     if not resume and latest is not None:
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
+    if resume:
+        latest = checkpointer.resumable(resume_from)
+        check_resume_settings(latest, cfg)
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
+    check_data_tokenizer(fingerprint, meta, data_dir, start_from)
     lora = cfg.lora
     # The weights to build the model from: the --init checkpoint of a new run, the base of a LoRA run
     # (whose checkpoints hold only the adapters), or none when resuming a run of all weights.
@@ -202,7 +211,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                             bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
                 if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
                     state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
-                             "train_config": dataclasses.asdict(cfg)}
+                             "train_config": dataclasses.asdict(cfg), "tokenizer_fingerprint": fingerprint}
                     if lora is not None:
                         state["lora"] = {**lora.to_dict(), "base": str(weights_from.resolve())}
                     result.checkpoint = checkpointer.save(step, pm, optimizer, state)
@@ -346,6 +355,40 @@ def check_data_matches(config: YuanConfig, meta: dict, data_dir: Path) -> None:
     if meta["eod_id"] != config.eod_token_id:
         raise ConfigError(f"{data_dir} was made with another tokenizer: <eod> is token {meta['eod_id']} there but "
                           f"{config.eod_token_id} in the model config")
+
+
+def check_resume_settings(checkpoint: Path, cfg: TrainConfig) -> None:
+    """A resumed run continues exactly only with the settings that decide its samples; --max-steps
+    must leave something to do."""
+    from ..distributed.checkpoint import EXTRA_FILE
+
+    state = json.loads((checkpoint / EXTRA_FILE).read_text())
+    if cfg.max_steps < state["step"]:
+        raise TrainingError(f"--max-steps {cfg.max_steps} is below step {state['step']} of {checkpoint}, so there is "
+                            f"nothing to train; raise --max-steps (or resume an earlier step with --resume-from)")
+    saved = state.get("train_config", {})
+    changed = [f"--{name.replace('_', '-')} {saved[name]} (now {getattr(cfg, name)})"
+               for name in ("seq_len", "batch_size", "grad_accum", "seed", "fim_rate", "answer_only")
+               if name in saved and saved[name] != getattr(cfg, name)]
+    if changed:
+        raise TrainingError(f"{checkpoint} was trained with {', '.join(changed)}, and a resumed run continues "
+                            f"exactly only with the same; pass the saved values, or start a new run from its "
+                            f"weights with --init {checkpoint} --out NEW_FOLDER")
+
+
+def check_data_tokenizer(fingerprint: str, meta: dict, data_dir: Path, checkpoint: Path | None) -> None:
+    """The data's token ids, its tokenizer folder (`fingerprint`, saved with every checkpoint of the run)
+    and the checkpoint the run starts from must all come from one tokenizer: weights trained on one
+    tokenizer's ids learn nonsense from another's, and a resumed run would save the wrong tokenizer."""
+    from ..data.prepare import data_tokenizer_fingerprint
+    from ..tokenizer import check_same_tokenizer, folder_fingerprint
+
+    check_same_tokenizer(f"the token ids in {data_dir}", data_tokenizer_fingerprint(data_dir, meta),
+                         "its tokenizer folder", fingerprint, "prepare the data again")
+    if checkpoint is not None:
+        check_same_tokenizer(f"the data in {data_dir}", fingerprint, f"checkpoint {checkpoint}",
+                             folder_fingerprint(checkpoint), f"prepare the data with the checkpoint's tokenizer "
+                             f"(`yuan data prepare INPUTS --tokenizer {checkpoint}`)")
 
 
 def config_for_data(config: YuanConfig, meta: dict) -> YuanConfig:
