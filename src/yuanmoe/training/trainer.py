@@ -95,7 +95,6 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
         raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue them or choose another --out")
     if resume:
         latest = checkpointer.resumable(resume_from)
-        check_resume_settings(latest, cfg)
     start_from = latest if resume else (Path(cfg.init_from) if cfg.init_from else None)
     check_data_tokenizer(fingerprint, meta, data_dir, start_from)
     lora = cfg.lora
@@ -110,6 +109,8 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
         if adapter_record(latest) is not None:
             raise TrainingError(f"{latest} holds LoRA adapters; resume it with the --lora-* options it was started with")
         weights_from = None
+    if resume:
+        check_resume_settings(latest, cfg)
     if start_from is not None:
         model_config = checkpoint_config(start_from, model_config)
     if model_config is None:
