@@ -297,8 +297,9 @@ def parallelize(model: YuanForCausalLM, mesh: DeviceMesh, dims: ParallelDims, *,
             if p.requires_grad:
                 p.register_hook(lambda grad: grad / dims.ep)
     if data_parallel == "fsdp" and dims.dp > 1:
-        # A decoder layer returns its router's outputs, views that nothing modifies in place.
-        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDecoderLayer\) returned a view")
+        # A decoder layer and the root return the routers' outputs, views that nothing modifies in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP(DecoderLayer|YuanForCausalLM)\) "
+                                                  r"returned a view")
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype \
             else MixedPrecisionPolicy()
         _apply_fsdp(module, mesh, dims, expert_params, reshard_after_forward, mp_policy)
