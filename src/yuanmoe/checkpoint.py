@@ -17,6 +17,7 @@ before the next group is mapped. Peak memory is one copy of the model plus one l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,10 @@ from .convert.official import (CheckpointError, config_from_official, config_to_
                                official_layer_to_native, official_shared_to_native)
 from .device import resolve_device, resolve_dtype
 from .model import YuanForCausalLM
+from .model.attention import rope_description
+from .quant.formats import expected_shapes, install_group, read_quant_config
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 FORMATS = ("native", "official")
@@ -150,7 +155,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         model = YuanForCausalLM(config)
         load_weights(folder, model)
         return model.to(device=device, dtype=dtype).eval()
-    weights = _WeightFiles(folder)
+    quant = read_quant_config(folder)
+    weights = _WeightFiles(folder, quant.weight_files if quant else WEIGHT_FILES)
     model = empty_model(config)
     # Stand-ins with the parameters' shapes and no memory (a broadcast scalar), to learn the names
     # and shapes the checkpoint must have. Meta tensors would do, but the meta kernels of the
@@ -162,17 +168,28 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     else:
         optional = set()
-    _check_names_and_shapes(weights, {k: tuple(v.shape) for k, v in expected.items()}, optional, folder)
-    dtype = dtype or weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight")
+    expected = {k: tuple(v.shape) for k, v in expected.items()}
+    if quant:
+        expected = expected_shapes(expected, config, quant)
+    _check_names_and_shapes(weights, expected, optional, folder)
+    # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
+    dtype = dtype or (torch.bfloat16 if quant else
+                      weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight"))
+    log.info("%s: RoPE %s%s", folder, rope_description(config),
+             f"; weights {quant.describe()}" if quant else "")
 
     groups: dict[int | None, list[str]] = {}
     for name in weights.names:
         m = _LAYER.match(name)
         groups.setdefault(int(m.group(1)) if m else None, []).append(name)
     for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
-        model.load_state_dict(_read_group(weights, names, layer, config, fmt, dtype, device),
-                              strict=False, assign=True)
-    if config.tie_word_embeddings:
+        if quant:
+            with weights.read(names) as mapped:
+                state = install_group(model, mapped, layer, config, quant, dtype, device)
+        else:
+            state = _read_group(weights, names, layer, config, fmt, dtype, device)
+        model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is its own
         model.lm_head.weight = model.embed_tokens.weight
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
@@ -258,10 +275,10 @@ class _WeightFiles:
     """The tensors of a checkpoint folder: names, shapes and dtypes from the file headers, data
     read on demand through memory maps."""
 
-    def __init__(self, folder: Path):
-        found = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+    def __init__(self, folder: Path, candidates: tuple[str, ...] = WEIGHT_FILES):
+        found = next((folder / f for f in candidates if (folder / f).is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{folder} has no weights ({', '.join(WEIGHT_FILES)})")
+            raise FileNotFoundError(f"{folder} has no weights ({', '.join(candidates)})")
         if found.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(found.read_text())["weight_map"]
@@ -273,7 +290,7 @@ class _WeightFiles:
                 raise CheckpointError(f"{found} names shard(s) that do not exist: {_listing(absent)}")
         else:
             files = [found]
-        self.safetensors = found.name.startswith("model.safetensors")
+        self.safetensors = found.name.endswith((".safetensors", ".safetensors.index.json"))
         self.file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple, torch.dtype]] = {}
         for file in files:
@@ -356,7 +373,7 @@ class _SafetensorsFile(_MappedFile):
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class _TorchFile(_MappedFile):

@@ -121,7 +121,7 @@ class YuanForCausalLM(nn.Module):
             self._check_inputs(input_ids, position_ids, cache)
         mask = None if plain else attention_mask(position_ids, cache)
         keep = position_ids > 0
-        rope = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_base)
+        rope = rope_cos_sin(position_ids, self.config)
 
         h = self.embed_tokens(input_ids)
         routings = []

@@ -1,0 +1,154 @@
+"""Weight-only quantized stand-ins for nn.Linear and GroupedExperts, with the same forward contracts.
+
+Activations stay in the model's dtype (bf16 for speed, fp32 for exactness tests). Each matmul takes
+the fastest path measured for its shape (benchmarks/quant_kernels.py):
+* a few rows (decoding): PyTorch's CPU weight-only kernels, `_weight_int8pack_mm` for 8 bits with one
+  group per row, `_weight_int4pack_mm_for_cpu` for 4 bits; they read the packed weight directly;
+* more rows (a prefill), 8 bits with several groups, or another device: the weight is dequantized,
+  one matrix at a time, and multiplied by a dense matmul. This path is also the pure-PyTorch
+  fallback wherever the kernels are missing (`KERNELS` False).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .packing import BITS, INT4_BLOCK, INT4_GROUP_SIZES, dequantize, pack_int4, quantize_groups, unpack_int4
+
+# Most rows for which each kernel beats dequantize + dense matmul (benchmarks/quant_kernels.py).
+INT8_KERNEL_MAX_ROWS = 4
+INT4_KERNEL_MAX_ROWS = 4
+KERNELS = True  # tests switch the kernels off to run the pure-PyTorch path
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def _int4_kernel_available() -> bool:
+    """The CPU int4 kernel exists and packs weights the way pack_int4 does (checked once)."""
+    try:
+        probe = torch.arange(INT4_BLOCK * 4, dtype=torch.int32).remainder(16).view(INT4_BLOCK, 4)
+        return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1),
+                           pack_int4(probe.to(torch.uint8)))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_shape(out_features: int, in_features: int, bits: int, group_size: int, name: str = "weight") -> None:
+    """Raise ValueError when a [out, in] weight cannot be stored at these bits and group size."""
+    if bits not in BITS:
+        raise ValueError(f"{bits}-bit weights are not supported; use one of {', '.join(map(str, BITS))}")
+    if group_size <= 0 or in_features % group_size:
+        raise ValueError(f"{name}: group size {group_size} does not divide its {in_features} input columns")
+    if bits == 4 and (out_features % INT4_BLOCK or group_size not in INT4_GROUP_SIZES or in_features % 2):
+        raise ValueError(f"{name} [{out_features}, {in_features}] cannot be packed at 4 bits with group size "
+                         f"{group_size}: 4 bits need a multiple of {INT4_BLOCK} outputs and a group size of "
+                         f"{', '.join(map(str, INT4_GROUP_SIZES))}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., out, in] -> the stored layout (int8 code - 128, or packed int4)."""
+    return pack_int4(codes) if bits == 4 else (codes.to(torch.int16) - 128).to(torch.int8)
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
+                 symmetric: bool) -> torch.Tensor:
+    """x [rows, in] @ dequantize(qweight, scales_and_zeros).T -> [rows, out] in x's dtype."""
+    rows, groups = x.shape[0], scales_and_zeros.shape[0]
+    on_cpu = KERNELS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+    if on_cpu and bits == 8 and groups == 1 and rows <= INT8_KERNEL_MAX_ROWS:
+        sz = scales_and_zeros[0]
+        y = torch._weight_int8pack_mm(x.contiguous(), qweight, sz[:, 0])
+        return y if symmetric else y + x.sum(-1, keepdim=True) * sz[:, 1]
+    if on_cpu and bits == 4 and rows <= INT4_KERNEL_MAX_ROWS and _int4_kernel_available():
+        group_size = x.shape[1] // groups
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), qweight, group_size, scales_and_zeros)
+    codes = unpack_int4(qweight) if bits == 4 else qweight
+    return F.linear(x, dequantize(codes, scales_and_zeros, bits, x.dtype))
+
+
+def _is_symmetric(scales_and_zeros: torch.Tensor) -> bool:
+    return bool((scales_and_zeros[..., 1] == 0).all())
+
+
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with group-quantized weights.
+
+    qweight: int8 [out, in] (8 bits) or packed uint8 [out, in/2] (4 bits);
+    scales_and_zeros: [in / group_size, out, 2] in the activation dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits = bits
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * (8 // bits)
+        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.symmetric = _is_symmetric(scales_and_zeros)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True,
+                 dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
+        """Round-to-nearest quantization of a float linear layer (its bias kept in `dtype`)."""
+        check_shape(linear.out_features, linear.in_features, bits, group_size)
+        codes, sz = quantize_groups(linear.weight, bits, group_size, symmetric)
+        bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        return cls(pack_codes(codes, bits), sz.to(dtype), bits, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = quant_matmul(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype), self.qweight,
+                         self.scales_and_zeros, self.bits, self.symmetric)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}"
+
+
+class QuantExperts(nn.Module):
+    """GroupedExperts with group-quantized weights (same forward: rows sorted by expert, counts [E]).
+
+    w1_qweight / w2_qweight: [E, ...] stacked as QuantLinear's qweight, w1/w2_scales_and_zeros
+    [E, groups, out, 2]. One matmul per expert that has rows."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], bits: int):
+        super().__init__()
+        self.bits = bits
+        self.num_experts = tensors["w1_qweight"].shape[0]
+        for name in ("w1_qweight", "w1_scales_and_zeros", "w2_qweight", "w2_scales_and_zeros"):
+            self.register_buffer(name, tensors[name])
+        self.symmetric = _is_symmetric(self.w1_scales_and_zeros) and _is_symmetric(self.w2_scales_and_zeros)
+
+    @classmethod
+    def quantize(cls, w1: torch.Tensor, w2: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
+                 dtype: torch.dtype = torch.bfloat16) -> "QuantExperts":
+        """Quantize GroupedExperts weights w1 [E, 2F, d], w2 [E, d, F], one expert at a time."""
+        tensors = {}
+        for name, w in (("w1", w1), ("w2", w2)):
+            check_shape(*w.shape[1:], bits, group_size, name=f"experts.{name}")
+            parts = [quantize_groups(w[e], bits, group_size, symmetric) for e in range(w.shape[0])]
+            tensors[f"{name}_qweight"] = torch.stack([pack_codes(c, bits) for c, _ in parts])
+            tensors[f"{name}_scales_and_zeros"] = torch.stack([sz for _, sz in parts]).to(dtype)
+        return cls(tensors, bits)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = self.w1_scales_and_zeros.dtype
+        h = x.to(dtype)
+        out = h.new_empty(h.shape[0], self.w2_scales_and_zeros.shape[2])
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                rows = slice(start, start + n)
+                a, b = quant_matmul(h[rows], self.w1_qweight[e], self.w1_scales_and_zeros[e], self.bits,
+                                    self.symmetric).chunk(2, dim=-1)
+                out[rows] = quant_matmul(F.silu(a) * b, self.w2_qweight[e], self.w2_scales_and_zeros[e],
+                                         self.bits, self.symmetric)
+                start += n
+        return out.to(x.dtype)
