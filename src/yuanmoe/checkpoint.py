@@ -175,7 +175,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
     dtype = dtype or (torch.bfloat16 if quant else
                       weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight"))
-    log.info("%s: RoPE %s%s", folder, rope_description(config),
+    log.info("loading %s: RoPE %s%s", folder, rope_description(config),
              f"; weights {quant.describe()}" if quant else "")
 
     groups: dict[int | None, list[str]] = {}
