@@ -129,8 +129,9 @@ class LocalizedFilteringAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
                 mask: torch.Tensor | None, cache: DecodeCache | None = None) -> torch.Tensor:
-        """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend) or None for
-        plain causal attention over x alone; with a cache the keys are all of its slots."""
+        """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend; with a cache
+        the keys are all of its slots), or None for plain causal attention over x alone (with a cache:
+        an empty one, which x fills from slot 0)."""
         b, s, _ = x.shape
         heads = (b, s, self.num_heads, self.head_dim)
         # The state of an empty cache is zeros, unused: a first token has position 0 (keep False).
@@ -142,5 +143,7 @@ class LocalizedFilteringAttention(nn.Module):
         if cache is not None:
             cache.update_lfa(self.layer_idx, new_state)
             k, v = cache.update(self.layer_idx, k, v)
+            if mask is None:
+                k, v = k[:, :, :s], v[:, :, :s]
         out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
