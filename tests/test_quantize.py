@@ -2,7 +2,6 @@
 `yuan quantize` folders load in every command; the kernels agree with the pure-PyTorch path."""
 
 import json
-import math
 import shutil
 
 import pytest
@@ -83,3 +82,119 @@ def test_gptq_act_order_with_a_permuted_g_idx_is_refused(tmp_path):
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="o_proj.g_idx: this GPTQ checkpoint uses desc_act"):
         from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------ kernels
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 0), (8, 32)])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_matmul_path_computes_the_dequantized_weight(bits, group_size, symmetric, dtype, monkeypatch):
+    from yuanmoe.quant.packing import dequantize, unpack_int4
+
+    linear = torch.nn.Linear(128, 192, bias=True)
+    layer = QuantLinear.quantize(linear, bits, group_size, symmetric, dtype)
+    codes = unpack_int4(layer.qweight) if bits == 4 else layer.qweight
+    weight = dequantize(codes, layer.scales_and_zeros, bits)
+    if dtype == torch.float32:  # the error is half a step of each group (bf16 scales round further)
+        assert (weight - linear.weight).abs().max() <= layer.scales_and_zeros[..., 0].max() * 0.51
+    for rows in (1, 3, 4, 9):  # the kernels' rows (decoding) and the dequantizing path's (prefill)
+        x = torch.randn(rows, 128)
+        want = x @ weight.t() + layer.bias.float()
+        for kernels in (True, False):
+            monkeypatch.setattr(quant_modules, "KERNELS", kernels)
+            got = layer(x.to(dtype)).float()
+            tol = 1e-4 if dtype == torch.float32 else 0.05
+            assert (got - want).abs().max() <= tol * want.abs().max(), (rows, kernels)
+
+
+def test_shapes_the_4bit_layout_cannot_hold_are_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"cannot be packed at 4 bits with group size 32: 4 bits need a multiple of 64"):
+        QuantLinear.quantize(torch.nn.Linear(64, 96), 4, 32)
+    with pytest.raises(ValueError, match="group size 48 does not divide its 64 input columns"):
+        QuantLinear.quantize(torch.nn.Linear(64, 128), 8, 48)
+
+
+# ------------------------------------------------------------------------------ yuan quantize
+@pytest.fixture(scope="module")
+def float_checkpoint(bpe, tmp_path_factory):
+    from yuanmoe import YuanForCausalLM, preset, save_pretrained
+
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=bpe.vocab_size, hidden_size=128, attention_projection_size=128,
+                    ffn_hidden_size=128, eod_token_id=bpe.eod_id, sep_token_id=bpe.sep_id, pad_token_id=bpe.pad_id)
+    return save_pretrained(YuanForCausalLM(config).eval(), tmp_path_factory.mktemp("float") / "tiny", tokenizer=bpe)
+
+
+@pytest.fixture(scope="module", params=[4, 8], ids=["int4", "int8"])
+def quantized(request, float_checkpoint):
+    from yuanmoe.cli import main
+
+    out = float_checkpoint.parent / f"q{request.param}"
+    assert main(["quantize", str(float_checkpoint), str(out), "--bits", str(request.param),
+                 "--group-size", "32" if request.param == 4 else "0"]) == 0
+    return request.param, out
+
+
+def test_quantized_folder_loads_packed_and_tracks_the_float_model(quantized, float_checkpoint):
+    bits, folder = quantized
+    model, reference = from_pretrained(folder), from_pretrained(float_checkpoint, dtype=torch.float32)
+    attn = model.layers[0].self_attn
+    assert model.dtype == torch.bfloat16
+    assert (attn.q_proj.bits, attn.q_proj.group_size) == (bits, 32 if bits == 4 else 128)
+    assert isinstance(attn.lf_gate.conv1, QuantLinear) and attn.lf_gate.conv1.bias is not None
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.bits == 8
+    assert isinstance(model.layers[1].mlp.experts, QuantExperts)
+    assert type(model.layers[0].mlp.router.query) is torch.nn.Linear  # routers kept
+    ids = torch.randint(3, 500, (2, 24))
+    with torch.inference_mode():
+        want, got = reference(ids).logits.float(), model(ids).logits.float()
+    error = (got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()
+    assert error < (0.15 if bits == 4 else 0.03)
+    with pytest.raises(CheckpointError, match="already quantized; start from the unquantized checkpoint"):
+        from yuanmoe.quant.convert import quantize_checkpoint
+        quantize_checkpoint(folder, folder.parent / "again")
+
+
+def test_generate_and_chat_run_the_quantized_folder(quantized, capsys, monkeypatch):
+    from yuanmoe.cli import main
+    from yuanmoe.inference import SamplingParams, complete
+    from yuanmoe.tokenizer import load_tokenizer
+
+    bits, folder = quantized
+    assert main(["generate", str(folder), "To be, or not", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    want = complete(from_pretrained(folder), load_tokenizer(folder), ["To be, or not"],
+                    SamplingParams(max_new_tokens=6, temperature=0))[0]
+    assert captured.out == want.text + "\n" and len(want.output_ids) > 0
+    assert f"weights yuanmoe {bits}-bit" in captured.err
+    answers = iter(["hello", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(answers))
+    assert main(["chat", str(folder), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("yuan> ")
+    assert main(["generate", str(folder), "To be", "--quantize", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_serve_and_eval_run_the_quantized_folder(quantized, float_checkpoint, tmp_path):
+    from argparse import Namespace
+
+    import httpx
+
+    from conftest import running_server
+    from yuanmoe.cli import main
+    from yuanmoe.inference.commands import load
+    from yuanmoe.serving import create_app
+
+    _, folder = quantized
+    model, tokenizer = load(Namespace(checkpoint=str(folder), device="cpu", dtype=None, quantize=None))
+    with running_server(create_app(model, tokenizer, "q")) as url:
+        reply = httpx.post(url + "/v1/completions", json={"model": "q", "prompt": "To be", "max_tokens": 4}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question.\nWhether 'tis nobler in the mind to suffer.\n")
+    scores = []
+    for ckpt in (float_checkpoint, folder):
+        out = tmp_path / "ppl.json"
+        assert main(["eval", "perplexity", str(ckpt), str(text), "--out", str(out), "--dtype", "bfloat16"]) == 0
+        scores.append(json.loads(out.read_text())["results"]["perplexity"]["score"])
+    assert scores[1] == pytest.approx(scores[0], rel=0.1)

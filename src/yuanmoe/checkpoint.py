@@ -36,7 +36,7 @@ from .convert.official import (CheckpointError, config_from_official, config_to_
 from .device import resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 from .model.attention import rope_description
-from .quant.formats import expected_shapes, install_group, read_quant_config
+from .quant.formats import QuantConfig, expected_shapes, install_group, read_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,6 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
-        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
     config = model.config
     state = {k: v for k, v in model.state_dict().items()
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
@@ -72,18 +70,28 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     else:
         config_text = config.to_json()
         tensors = state
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with writing_folder(path) as tmp:
         (tmp / CONFIG_FILE).write_text(config_text)
         _write_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return path
+
+
+@contextmanager
+def writing_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed into place when the block ends without an error
+    (replacing a checkpoint folder there), removed otherwise: `path` never holds half a checkpoint."""
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
+        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
         _replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -156,8 +164,57 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         load_weights(folder, model)
         return model.to(device=device, dtype=dtype).eval()
     quant = read_quant_config(folder)
-    weights = _WeightFiles(folder, quant.weight_files if quant else WEIGHT_FILES)
     model = empty_model(config)
+    weights, groups = _open_weights(folder, model, fmt, quant)
+    # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
+    dtype = dtype or (torch.bfloat16 if quant else weights.dtype_of(_embedding_name(fmt)))
+    log.info("loading %s: RoPE %s%s", folder, rope_description(config),
+             f"; weights {quant.describe()}" if quant else "")
+    for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
+        if quant:
+            with weights.read(names) as mapped:
+                state = install_group(model, mapped, layer, config, quant, dtype, device)
+        else:
+            state = _read_group(weights, names, layer, config, fmt, dtype, device)
+        model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is its own
+        model.lm_head.weight = model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
+    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+
+
+def iter_weights(path: str | Path, dtype: torch.dtype | str | None = None
+                 ) -> tuple[YuanConfig, Iterator[tuple[int | None, dict[str, torch.Tensor]]]]:
+    """The config of an unquantized checkpoint folder and its weights under native names, one group
+    at a time (the shared tensors, then each layer), on the CPU: for tools that stream a model too
+    large to hold twice, such as `yuan quantize`. The tied head is not among them."""
+    dtype = resolve_dtype(dtype)
+    folder = _checkpoint_folder(path)
+    config, fmt = load_config(folder)
+    if read_quant_config(folder):
+        raise CheckpointError(f"{folder} is already quantized; start from the unquantized checkpoint")
+    if (folder / ".metadata").is_file():  # a training run's checkpoint: small enough to load whole
+        state = from_pretrained(folder, dtype=dtype).state_dict()
+        groups = _group_names(k for k in state if not (config.tie_word_embeddings and k == "lm_head.weight"))
+        return config, ((layer, {k: state[k] for k in names}) for layer, names in groups.items())
+    weights, groups = _open_weights(folder, empty_model(config), fmt)
+    dtype = dtype or weights.dtype_of(_embedding_name(fmt))
+    return config, ((layer, _read_group(weights, names, layer, config, fmt, dtype, "cpu"))
+                    for layer, names in groups.items())
+
+
+def _embedding_name(fmt: str) -> str:
+    return "embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight"
+
+
+def _open_weights(folder: Path, model: YuanForCausalLM, fmt: str, quant: QuantConfig | None = None
+                  ) -> tuple["_WeightFiles", dict[int | None, list[str]]]:
+    """The folder's weight files, checked against the names and shapes the model needs, and their
+    tensor names grouped by layer (None: the tensors outside the layers)."""
+    config = model.config
+    weights = _WeightFiles(folder, quant.weight_files if quant else WEIGHT_FILES)
     # Stand-ins with the parameters' shapes and no memory (a broadcast scalar), to learn the names
     # and shapes the checkpoint must have. Meta tensors would do, but the meta kernels of the
     # reshaping ops in native_to_official import torch._dynamo (~3 s).
@@ -172,29 +229,15 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     if quant:
         expected = expected_shapes(expected, config, quant)
     _check_names_and_shapes(weights, expected, optional, folder)
-    # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
-    dtype = dtype or (torch.bfloat16 if quant else
-                      weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight"))
-    log.info("loading %s: RoPE %s%s", folder, rope_description(config),
-             f"; weights {quant.describe()}" if quant else "")
+    return weights, _group_names(weights.names)
 
+
+def _group_names(names) -> dict[int | None, list[str]]:
     groups: dict[int | None, list[str]] = {}
-    for name in weights.names:
+    for name in names:
         m = _LAYER.match(name)
         groups.setdefault(int(m.group(1)) if m else None, []).append(name)
-    for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
-        if quant:
-            with weights.read(names) as mapped:
-                state = install_group(model, mapped, layer, config, quant, dtype, device)
-        else:
-            state = _read_group(weights, names, layer, config, fmt, dtype, device)
-        model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is its own
-        model.lm_head.weight = model.embed_tokens.weight
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
-    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+    return groups
 
 
 def empty_model(config: YuanConfig) -> YuanForCausalLM:

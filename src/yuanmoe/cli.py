@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "yuanmoe.evaluation.cli",
     "yuanmoe.inference.commands",
     "yuanmoe.experiments",
+    "yuanmoe.quant.convert",
 ]
 
 

@@ -112,7 +112,7 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
         return 8, inp
 
 
-def _native_buffer_names(name: str) -> tuple[str, str]:
+def native_buffer_names(name: str) -> tuple[str, str]:
     experts = _EXPERTS.fullmatch(name)
     stem = f"{experts.group(1)}.{experts.group(2)}_" if experts else name[: -len("weight")]
     return stem + "qweight", stem + "scales_and_zeros"
@@ -141,7 +141,7 @@ def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConf
             continue
         bits, group_size = plan
         *lead, rows, cols = shape
-        qweight, sz = _native_buffer_names(name)
+        qweight, sz = native_buffer_names(name)
         out[qweight] = (*lead, rows, cols * bits // 8)
         out[sz] = (*lead, cols // group_size, rows, 2)
     return out

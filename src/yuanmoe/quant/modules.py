@@ -22,6 +22,9 @@ from .packing import BITS, INT4_BLOCK, INT4_GROUP_SIZES, dequantize, pack_int4, 
 # Most rows for which each kernel beats dequantize + dense matmul (benchmarks/quant_kernels.py).
 INT8_KERNEL_MAX_ROWS = 4
 INT4_KERNEL_MAX_ROWS = 4
+# The weight-only kernels fault on weights that are not 64-byte aligned (seen with 4-row int8 calls
+# on memory-mapped tensors), so the modules copy any weight that is not.
+ALIGN = 64
 KERNELS = True  # tests switch the kernels off to run the pure-PyTorch path
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -54,20 +57,38 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_int4(codes) if bits == 4 else (codes.to(torch.int16) - 128).to(torch.int8)
 
 
+def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
+                    dtype: torch.dtype = torch.bfloat16, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest: a float weight [out, in] or stacked [E, out, in] -> (qweight, scales_and_zeros)
+    as the modules hold them; group_size 0 means one group per output row. A stack is quantized one
+    matrix at a time (one fp32 copy at most)."""
+    group_size = group_size or w.shape[-1]
+    check_shape(*w.shape[-2:], bits, group_size, name)
+    if w.dim() == 3:
+        parts = [quantize_weight(m, bits, group_size, symmetric, dtype, name) for m in w]
+        return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+    codes, sz = quantize_groups(w, bits, group_size, symmetric)
+    return pack_codes(codes, bits), sz.to(dtype)
+
+
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
                  symmetric: bool) -> torch.Tensor:
     """x [rows, in] @ dequantize(qweight, scales_and_zeros).T -> [rows, out] in x's dtype."""
     rows, groups = x.shape[0], scales_and_zeros.shape[0]
     on_cpu = KERNELS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
     if on_cpu and bits == 8 and groups == 1 and rows <= INT8_KERNEL_MAX_ROWS:
-        sz = scales_and_zeros[0]
-        y = torch._weight_int8pack_mm(x.contiguous(), qweight, sz[:, 0])
-        return y if symmetric else y + x.sum(-1, keepdim=True) * sz[:, 1]
+        scale, zero = scales_and_zeros[0].unbind(-1)
+        y = torch._weight_int8pack_mm(x.contiguous(), qweight, scale.contiguous())  # the kernel reads it densely
+        return y if symmetric else y + x.sum(-1, keepdim=True) * zero
     if on_cpu and bits == 4 and rows <= INT4_KERNEL_MAX_ROWS and _int4_kernel_available():
         group_size = x.shape[1] // groups
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), qweight, group_size, scales_and_zeros)
     codes = unpack_int4(qweight) if bits == 4 else qweight
     return F.linear(x, dequantize(codes, scales_and_zeros, bits, x.dtype))
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    return t if t.data_ptr() % ALIGN == 0 or t.device.type != "cpu" else t.clone()
 
 
 def _is_symmetric(scales_and_zeros: torch.Tensor) -> bool:
@@ -87,8 +108,8 @@ class QuantLinear(nn.Module):
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * (8 // bits)
         self.group_size = self.in_features // scales_and_zeros.shape[0]
-        self.register_buffer("qweight", qweight)
-        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("qweight", _aligned(qweight))
+        self.register_buffer("scales_and_zeros", _aligned(scales_and_zeros))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.symmetric = _is_symmetric(scales_and_zeros)
 
@@ -96,10 +117,8 @@ class QuantLinear(nn.Module):
     def quantize(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True,
                  dtype: torch.dtype = torch.bfloat16) -> "QuantLinear":
         """Round-to-nearest quantization of a float linear layer (its bias kept in `dtype`)."""
-        check_shape(linear.out_features, linear.in_features, bits, group_size)
-        codes, sz = quantize_groups(linear.weight, bits, group_size, symmetric)
         bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        return cls(pack_codes(codes, bits), sz.to(dtype), bits, bias)
+        return cls(*quantize_weight(linear.weight, bits, group_size, symmetric, dtype), bits, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = quant_matmul(x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype), self.qweight,
@@ -123,19 +142,19 @@ class QuantExperts(nn.Module):
         self.bits = bits
         self.num_experts = tensors["w1_qweight"].shape[0]
         for name in ("w1_qweight", "w1_scales_and_zeros", "w2_qweight", "w2_scales_and_zeros"):
-            self.register_buffer(name, tensors[name])
+            t = tensors[name]
+            # Each expert's matrix must be aligned, not only the first.
+            self.register_buffer(name, _aligned(t) if t[0].nbytes % ALIGN == 0 else t.clone())
         self.symmetric = _is_symmetric(self.w1_scales_and_zeros) and _is_symmetric(self.w2_scales_and_zeros)
 
     @classmethod
     def quantize(cls, w1: torch.Tensor, w2: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
                  dtype: torch.dtype = torch.bfloat16) -> "QuantExperts":
-        """Quantize GroupedExperts weights w1 [E, 2F, d], w2 [E, d, F], one expert at a time."""
+        """Quantize GroupedExperts weights w1 [E, 2F, d], w2 [E, d, F]."""
         tensors = {}
         for name, w in (("w1", w1), ("w2", w2)):
-            check_shape(*w.shape[1:], bits, group_size, name=f"experts.{name}")
-            parts = [quantize_groups(w[e], bits, group_size, symmetric) for e in range(w.shape[0])]
-            tensors[f"{name}_qweight"] = torch.stack([pack_codes(c, bits) for c, _ in parts])
-            tensors[f"{name}_scales_and_zeros"] = torch.stack([sz for _, sz in parts]).to(dtype)
+            tensors[f"{name}_qweight"], tensors[f"{name}_scales_and_zeros"] = quantize_weight(
+                w.detach(), bits, group_size, symmetric, dtype, name=f"experts.{name}")
         return cls(tensors, bits)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
