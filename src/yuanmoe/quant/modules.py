@@ -19,9 +19,11 @@ from torch import nn
 
 from .packing import BITS, INT4_BLOCK, INT4_GROUP_SIZES, dequantize, pack_int4, quantize_groups, unpack_int4
 
-# Most rows for which each kernel beats dequantize + dense matmul (benchmarks/quant_kernels.py).
-INT8_KERNEL_MAX_ROWS = 4
-INT4_KERNEL_MAX_ROWS = 4
+# Most rows for which each kernel beats dequantize + dense bf16 matmul (benchmarks/quant_kernels.py:
+# both kernels cost ~0.1 ms per row per 8M weights, linear in rows; dequantizing costs ~3 ms (int8)
+# or ~16 ms (int4) per 8M weights, once per call).
+INT8_KERNEL_MAX_ROWS = 32
+INT4_KERNEL_MAX_ROWS = 128
 # The weight-only kernels fault on weights that are not 64-byte aligned (seen with 4-row int8 calls
 # on memory-mapped tensors), so the modules copy any weight that is not.
 ALIGN = 64
@@ -84,7 +86,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch
         group_size = x.shape[1] // groups
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), qweight, group_size, scales_and_zeros)
     codes = unpack_int4(qweight) if bits == 4 else qweight
-    return F.linear(x, dequantize(codes, scales_and_zeros, bits, x.dtype))
+    return F.linear(x, dequantize(codes, scales_and_zeros, bits, x.dtype, symmetric))
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
