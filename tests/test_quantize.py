@@ -56,6 +56,32 @@ def test_gptq_weights_stay_packed(gptq):
     assert floats < 0.15 * packed * 8 / bits
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gptq_decoding_of_asymmetric_zero_points(bits):
+    """AutoGPTQ's layout written by hand: codes packed along the input rows, zero points (stored
+    minus one) packed along the outputs; decoding gives scales * (code - zero)."""
+    from yuanmoe.quant.formats import QuantConfig, decode_gptq
+    from yuanmoe.quant.packing import dequantize
+
+    out, inp, group, per = 64, 64, 32, 32 // bits
+    codes = torch.randint(0, 2**bits, (out, inp))
+    zeros = torch.randint(1, 2**bits, (inp // group, out))
+    scales = torch.rand(inp // group, out).half()
+    qweight = torch.zeros(inp // per, out, dtype=torch.int64)
+    for i in range(inp):
+        qweight[i // per] |= codes[:, i] << (bits * (i % per))
+    qzeros = torch.zeros(inp // group, out // per, dtype=torch.int64)
+    for o in range(out):
+        qzeros[:, o // per] |= (zeros[:, o] - 1) << (bits * (o % per))
+    as_int32 = lambda t: (t - (t >= 2**31).long() * 2**32).to(torch.int32)  # noqa: E731
+    tensors = {"x.qweight": as_int32(qweight), "x.qzeros": as_int32(qzeros), "x.scales": scales,
+               "x.g_idx": torch.arange(inp, dtype=torch.int32) // group}
+    got_codes, sz = decode_gptq(tensors, "x.", QuantConfig("gptq", bits, group, symmetric=False))
+    assert torch.equal(got_codes.long(), codes)
+    want = scales.float().t().repeat_interleave(group, 1) * (codes - zeros.t().repeat_interleave(group, 1))
+    assert torch.allclose(dequantize(got_codes, sz, bits), want, atol=1e-6)
+
+
 def _gptq_copy(tmp_path, source_bits, **changes):
     folder = tmp_path / "gptq"
     shutil.copytree(GPTQ[source_bits], folder)

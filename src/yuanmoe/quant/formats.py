@@ -170,13 +170,14 @@ def _install_native(model, tensors, q, dtype, device) -> dict[str, torch.Tensor]
         bits = 8 if qweight.dtype == torch.int8 else 4
         if stem.endswith(("w1_", "w2_")):  # experts: wait for both halves
             continue
-        module = QuantLinear(qweight, sz, bits, bias=_pop_bias(plain, stem, dtype, device))
+        module = QuantLinear(qweight, sz, bits, _pop_bias(plain, stem, dtype, device), q.symmetric or None)
         _replace(model, stem[:-1], module)
     for name in [n for n in tensors if n.endswith("w1_qweight")]:
         path = name[: -len(".w1_qweight")]
         parts = {f"{w}_{part}": _to(tensors[f"{path}.{w}_{part}"], dtype, device)
                  for w in ("w1", "w2") for part in ("qweight", "scales_and_zeros")}
-        _replace(model, path, QuantExperts(parts, 8 if parts["w1_qweight"].dtype == torch.int8 else 4))
+        _replace(model, path, QuantExperts(parts, 8 if parts["w1_qweight"].dtype == torch.int8 else 4,
+                                           q.symmetric or None))
     return {k: _to(t, dtype, device) for k, t in plain.items()}
 
 

@@ -104,7 +104,7 @@ class QuantLinear(nn.Module):
     scales_and_zeros: [in / group_size, out, 2] in the activation dtype."""
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, symmetric: bool | None = None):
         super().__init__()
         self.bits = bits
         self.out_features = qweight.shape[0]
@@ -113,7 +113,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", _aligned(qweight))
         self.register_buffer("scales_and_zeros", _aligned(scales_and_zeros))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.symmetric = _is_symmetric(scales_and_zeros)
+        # None: read the zeros (a folder that says it is symmetric spares that pass over its pages)
+        self.symmetric = _is_symmetric(scales_and_zeros) if symmetric is None else symmetric
 
     @classmethod
     def quantize(cls, linear: nn.Linear, bits: int, group_size: int, symmetric: bool = True,
@@ -139,7 +140,7 @@ class QuantExperts(nn.Module):
     w1_qweight / w2_qweight: [E, ...] stacked as QuantLinear's qweight, w1/w2_scales_and_zeros
     [E, groups, out, 2]. One matmul per expert that has rows."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], bits: int):
+    def __init__(self, tensors: dict[str, torch.Tensor], bits: int, symmetric: bool | None = None):
         super().__init__()
         self.bits = bits
         self.num_experts = tensors["w1_qweight"].shape[0]
@@ -147,7 +148,8 @@ class QuantExperts(nn.Module):
             t = tensors[name]
             # Each expert's matrix must be aligned, not only the first.
             self.register_buffer(name, _aligned(t) if t[0].nbytes % ALIGN == 0 else t.clone())
-        self.symmetric = _is_symmetric(self.w1_scales_and_zeros) and _is_symmetric(self.w2_scales_and_zeros)
+        self.symmetric = (_is_symmetric(self.w1_scales_and_zeros) and _is_symmetric(self.w2_scales_and_zeros)
+                          if symmetric is None else symmetric)
 
     @classmethod
     def quantize(cls, w1: torch.Tensor, w2: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
