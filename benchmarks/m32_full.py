@@ -7,7 +7,7 @@ after loading and at its peak, decode tok/s, and the fraction of the line that d
 bytes of weights read per token x tok/s / line. Targets (issue 12): peak RSS <= 22 GB, decode >= 60%
 of the line. The folder (~21 GB at int4) is deleted at the end unless --keep.
 
-    .venv/bin/python benchmarks/m32_full.py [--bits 4] [--layers 24] [--threads 2] [--dir /tmp]
+    .venv/bin/python benchmarks/m32_full.py [--bits 4] [--layers 24] [--threads 1] [--dir /tmp]
 """
 
 from __future__ import annotations
@@ -133,7 +133,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, choices=(4, 8), default=4)
     parser.add_argument("--layers", type=int, default=24, help="fewer than M32's 24 when the disk or memory is short")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="1 by default: on a shared, busy machine a second thread mostly waits for the first")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the folder")
     parser.add_argument("--keep", action="store_true", help="keep the folder")
