@@ -18,10 +18,22 @@ from yuanmoe.quant.modules import QuantExperts, QuantLinear
 GPTQ = {bits: SHARED / "yuan" / "golden" / f"tiny-c-gptq-int{bits}" for bits in (4, 8)}
 
 
-@pytest.fixture(scope="module", params=[4, 8], ids=["int4", "int8"])
-def gptq(request):
-    folder = GPTQ[request.param]
-    return folder, load_file(folder / "golden.safetensors"), from_pretrained(folder, dtype=torch.float32)
+@pytest.fixture(scope="module", params=[(4, False), (8, False), (4, True), (8, True)],
+                ids=["int4", "int8", "int4-relaid", "int8-relaid"])
+def gptq(request, tmp_path_factory):
+    """An official AutoGPTQ folder loaded directly, or after `yuan quantize` re-laid it out for
+    memory-mapped loading (values kept)."""
+    from yuanmoe.cli import main
+
+    bits, relaid = request.param
+    folder = GPTQ[bits]
+    if relaid:
+        out = tmp_path_factory.mktemp("relaid") / folder.name
+        assert main(["quantize", str(folder), str(out)]) == 0
+        folder_loaded = out
+    else:
+        folder_loaded = folder
+    return folder, load_file(folder / "golden.safetensors"), from_pretrained(folder_loaded, dtype=torch.float32)
 
 
 @pytest.fixture(params=[True, False], ids=["kernels", "pure-pytorch"])
@@ -80,6 +92,13 @@ def test_gptq_decoding_of_asymmetric_zero_points(bits):
     assert torch.equal(got_codes.long(), codes)
     want = scales.float().t().repeat_interleave(group, 1) * (codes - zeros.t().repeat_interleave(group, 1))
     assert torch.allclose(dequantize(got_codes, sz, bits), want, atol=1e-6)
+
+
+def test_gptq_folder_keeps_its_bits_through_yuan_quantize(tmp_path, capsys):
+    from yuanmoe.cli import main
+
+    assert main(["quantize", str(GPTQ[4]), str(tmp_path / "out"), "--bits", "8"]) == 2
+    assert "an AutoGPTQ checkpoint of 4 bits in groups of 32; it keeps them" in capsys.readouterr().err
 
 
 def _gptq_copy(tmp_path, source_bits, **changes):

@@ -36,7 +36,7 @@ from .convert.official import (CheckpointError, config_from_official, config_to_
 from .device import resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 from .model.attention import rope_description
-from .quant.formats import QuantConfig, expected_shapes, install_group, read_quant_config
+from .quant.formats import QuantConfig, expected_shapes, gptq_to_native, install_group, read_quant_config
 
 log = logging.getLogger(__name__)
 
@@ -187,14 +187,20 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
 
 def iter_weights(path: str | Path, dtype: torch.dtype | str | None = None
                  ) -> tuple[YuanConfig, Iterator[tuple[int | None, dict[str, torch.Tensor]]]]:
-    """The config of an unquantized checkpoint folder and its weights under native names, one group
-    at a time (the shared tensors, then each layer), on the CPU: for tools that stream a model too
-    large to hold twice, such as `yuan quantize`. The tied head is not among them."""
+    """The config of a checkpoint folder and its weights under native names, one group at a time
+    (the shared tensors, then each layer), on the CPU: for tools that stream a model too large to
+    hold twice, such as `yuan quantize`. The tied head is not among them. An AutoGPTQ folder gives
+    its groups as this project's quantized folders hold them (quant/formats.py)."""
     dtype = resolve_dtype(dtype)
     folder = _checkpoint_folder(path)
     config, fmt = load_config(folder)
-    if read_quant_config(folder):
+    quant = read_quant_config(folder)
+    if quant and quant.method != "gptq":
         raise CheckpointError(f"{folder} is already quantized; start from the unquantized checkpoint")
+    if quant:
+        weights, groups = _open_weights(folder, empty_model(config), fmt, quant)
+        return config, (_gptq_group(weights, layer, names, config, quant, dtype or torch.bfloat16)
+                        for layer, names in groups.items())
     if (folder / ".metadata").is_file():  # a training run's checkpoint: small enough to load whole
         state = from_pretrained(folder, dtype=dtype).state_dict()
         groups = _group_names(k for k in state if not (config.tie_word_embeddings and k == "lm_head.weight"))
@@ -203,6 +209,15 @@ def iter_weights(path: str | Path, dtype: torch.dtype | str | None = None
     dtype = dtype or weights.dtype_of(_embedding_name(fmt))
     return config, ((layer, _read_group(weights, names, layer, config, fmt, dtype, "cpu"))
                     for layer, names in groups.items())
+
+
+def _gptq_group(weights: "_WeightFiles", layer: int | None, names: list[str], config: YuanConfig, quant: QuantConfig,
+                dtype: torch.dtype) -> tuple[int | None, dict[str, torch.Tensor]]:
+    with weights.read(names) as mapped:
+        tensors = gptq_to_native(mapped, layer, config, quant, dtype)
+        mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+        return layer, {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t
+                       for k, t in tensors.items()}
 
 
 def _embedding_name(fmt: str) -> str:

@@ -16,25 +16,37 @@ import torch
 from tqdm import tqdm
 
 from ..config import YuanConfig
-from .formats import NATIVE_METHOD, QUANT_CONFIG_FILE, QuantConfig, native_buffer_names, native_plan
+from .formats import NATIVE_METHOD, QUANT_CONFIG_FILE, QuantConfig, native_buffer_names, native_plan, read_quant_config
 from .modules import ALIGN, quantize_weight
 
 STORED_DTYPE = torch.bfloat16  # the unquantized tensors and the scales
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 4, group_size: int | None = None,
+def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
                         symmetric: bool = True) -> Path:
-    """Quantize checkpoint folder `src` into folder `out` (written atomically). group_size None: 128
-    at 4 bits, one group per output row at 8 bits (the fastest int8 kernel, and accurate enough)."""
-    from ..checkpoint import iter_weights
+    """Quantize checkpoint folder `src` into folder `out` (written atomically). bits None: 4.
+    group_size None: 128 at 4 bits, one group per output row at 8 bits (the fastest int8 kernel, and
+    accurate enough). An AutoGPTQ folder (the official INT4/INT8) keeps its bits, groups and values,
+    re-laid out so that it loads memory-mapped (its other tensors kept as they are)."""
+    from ..checkpoint import _checkpoint_folder, iter_weights
     from ..tokenizer import load_tokenizer
 
+    gptq = read_quant_config(_checkpoint_folder(src))
+    if gptq is not None and gptq.method == "gptq":
+        if (bits or gptq.bits, gptq.group_size if group_size is None else group_size) != (gptq.bits, gptq.group_size):
+            raise ValueError(f"{src} is an AutoGPTQ checkpoint of {gptq.bits} bits in groups of {gptq.group_size}; "
+                             f"it keeps them (leave out --bits and --group-size)")
+        bits, group_size, symmetric = gptq.bits, gptq.group_size, gptq.symmetric
+    bits = bits or 4
     if bits not in (4, 8):
         raise ValueError(f"--bits must be 4 or 8, got {bits}")
     if group_size is not None and group_size < 0:
         raise ValueError(f"--group-size must be positive (or 0 for one group per output row), got {group_size}")
-    q = QuantConfig(NATIVE_METHOD, bits, (128 if bits == 4 else 0) if group_size is None else group_size, symmetric)
-    config, groups = iter_weights(src)
+    from_gptq = gptq is not None
+    q = QuantConfig(NATIVE_METHOD, bits, (128 if bits == 4 else 0) if group_size is None else group_size, symmetric,
+                    from_gptq=from_gptq)
+    # An AutoGPTQ source keeps its fp16 scales and tensors: exactly its values.
+    config, groups = iter_weights(src, torch.float16 if from_gptq else None)
     try:
         tokenizer = load_tokenizer(src)
     except FileNotFoundError:
@@ -45,13 +57,16 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int = 4, group_s
 
 def quantize_group(state: dict[str, torch.Tensor], config: YuanConfig, q: QuantConfig) -> dict[str, torch.Tensor]:
     """One group of native tensors -> the tensors a quantized folder holds for them."""
-    if config.tie_word_embeddings and "embed_tokens.weight" in state:
+    if config.tie_word_embeddings and "embed_tokens.weight" in state and not q.from_gptq:
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}  # the head gets its own copy
     out = {}
     for name, t in state.items():
+        if name.endswith(("qweight", "scales_and_zeros")):  # quantized already (an AutoGPTQ source)
+            out[name] = t
+            continue
         plan = native_plan(name, tuple(t.shape), q)
         if plan is None:
-            out[name] = t.to(STORED_DTYPE)
+            out[name] = t if q.from_gptq else t.to(STORED_DTYPE)
             continue
         qweight, sz = native_buffer_names(name)
         out[qweight], out[sz] = quantize_weight(t, *plan, q.symmetric, STORED_DTYPE, name)
@@ -111,10 +126,11 @@ def save_aligned(tensors: dict[str, torch.Tensor], file: Path) -> None:
 def register(sub) -> None:
     p = sub.add_parser("quantize", help="write an int8 or int4 weight-only copy of a checkpoint",
                        description="Quantize a checkpoint folder (native or official) one layer at a time into a "
-                                   "folder that generate, chat, serve, eval and from_pretrained load memory-mapped.")
+                                   "folder that generate, chat, serve, eval and from_pretrained load memory-mapped. "
+                                   "An official AutoGPTQ folder (Yuan2-M32-HF-INT4/INT8) is re-laid out, values kept.")
     p.add_argument("src", metavar="SRC", help="the unquantized checkpoint folder")
     p.add_argument("out", metavar="OUT", help="the folder to write (replaced if it is a checkpoint folder)")
-    p.add_argument("--bits", type=int, choices=(4, 8), default=4)
+    p.add_argument("--bits", type=int, choices=(4, 8), help="4 (the default) or 8; an AutoGPTQ SRC keeps its own")
     p.add_argument("--group-size", type=int,
                    help="input columns per scale (default: 128 at 4 bits, a whole row at 8 bits; 0 = a whole row)")
     p.add_argument("--asymmetric", action="store_true", help="a zero point per group as well as a scale")

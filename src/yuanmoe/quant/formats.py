@@ -39,6 +39,7 @@ GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _GPTQ_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate\.(query|key|value)"
                           r"|mlp\.experts\.\d+\.w[12])\.weight")
 _EXPERTS = re.compile(r"(layers\.\d+\.mlp\.experts)\.(w[12])")
+_GPTQ_NATIVE = re.compile(r"layers\.\d+\.self_attn\.[qkvo]_proj\.weight")  # and the experts
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class QuantConfig:
     symmetric: bool = True
     desc_act: bool = False
     file_base: str = "model"
+    # A folder re-laid out from an AutoGPTQ one: its quantized linears and nothing else, values kept.
+    from_gptq: bool = False
 
     @property
     def weight_files(self) -> tuple[str, ...]:
@@ -60,7 +63,7 @@ class QuantConfig:
 
     def to_json(self) -> str:
         return json.dumps({"quant_method": self.method, "bits": self.bits, "group_size": self.group_size,
-                           "sym": self.symmetric}, indent=2) + "\n"
+                           "sym": self.symmetric, "from_gptq": self.from_gptq}, indent=2) + "\n"
 
 
 def read_quant_config(folder: Path) -> QuantConfig | None:
@@ -88,7 +91,7 @@ def read_quant_config(folder: Path) -> QuantConfig | None:
     base = data.get("model_file_base_name") or (f"gptq_model-{bits}bit-{group_size}g" if method == "gptq"
                                                 else "model")
     return QuantConfig(method, bits, max(group_size, 0), bool(data.get("sym", True)),
-                       bool(data.get("desc_act", False)), base)
+                       bool(data.get("desc_act", False)), base, bool(data.get("from_gptq", False)))
 
 
 # ------------------------------------------------------------------------------ expected tensors
@@ -98,6 +101,8 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
     routers (kept: tiny, and their expert choice is sensitive); a weight whose shape the requested
     layout cannot hold, and the output head, get 8 bits with one scale per output row."""
     experts = _EXPERTS.fullmatch(name)
+    if q.from_gptq:
+        return (q.bits, q.group_size or shape[-1]) if experts or _GPTQ_NATIVE.fullmatch(name) else None
     linear = name.endswith(".weight") and len(shape) == 2 and not name.endswith("norm.weight")
     if ".router." in name or name == "embed_tokens.weight" or not (experts or linear):
         return None
@@ -121,7 +126,7 @@ def native_buffer_names(name: str) -> tuple[str, str]:
 def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConfig) -> dict[str, tuple]:
     """Map the names and shapes an unquantized folder of this config would hold (official names
     for GPTQ, native ones otherwise) to those the quantized folder holds."""
-    if q.method == NATIVE_METHOD and config.tie_word_embeddings:
+    if q.method == NATIVE_METHOD and config.tie_word_embeddings and not q.from_gptq:
         expected = {**expected, "lm_head.weight": expected["embed_tokens.weight"]}  # the head gets its own copy
     out: dict[str, tuple] = {}
     for name, shape in expected.items():
@@ -153,8 +158,9 @@ def install_group(model: nn.Module, tensors: dict[str, torch.Tensor], layer: int
     """Put the quantized modules of one group of tensors (the shared ones, or one layer) into
     `model` and return the remaining plain tensors under native names, for load_state_dict."""
     if q.method == "gptq":
-        return _install_gptq(model, tensors, layer, config, q, dtype, device)
-    return _install_native(model, tensors, q, dtype, device)
+        # AutoGPTQ zero points may be anything: read them rather than trust `sym`.
+        return _install_native(model, gptq_to_native(tensors, layer, config, q, dtype, device), None, dtype, device)
+    return _install_native(model, tensors, q.symmetric or None, dtype, device)
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
@@ -162,7 +168,7 @@ def _to(t: torch.Tensor, dtype: torch.dtype, device) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def _install_native(model, tensors, q, dtype, device) -> dict[str, torch.Tensor]:
+def _install_native(model, tensors, symmetric: bool | None, dtype, device) -> dict[str, torch.Tensor]:
     plain = dict(tensors)
     for name in [n for n in tensors if n.endswith("qweight")]:
         stem = name[: -len("qweight")]
@@ -170,14 +176,13 @@ def _install_native(model, tensors, q, dtype, device) -> dict[str, torch.Tensor]
         bits = 8 if qweight.dtype == torch.int8 else 4
         if stem.endswith(("w1_", "w2_")):  # experts: wait for both halves
             continue
-        module = QuantLinear(qweight, sz, bits, _pop_bias(plain, stem, dtype, device), q.symmetric or None)
+        module = QuantLinear(qweight, sz, bits, _pop_bias(plain, stem, dtype, device), symmetric)
         _replace(model, stem[:-1], module)
     for name in [n for n in tensors if n.endswith("w1_qweight")]:
         path = name[: -len(".w1_qweight")]
         parts = {f"{w}_{part}": _to(tensors[f"{path}.{w}_{part}"], dtype, device)
                  for w in ("w1", "w2") for part in ("qweight", "scales_and_zeros")}
-        _replace(model, path, QuantExperts(parts, 8 if parts["w1_qweight"].dtype == torch.int8 else 4,
-                                           q.symmetric or None))
+        _replace(model, path, QuantExperts(parts, 8 if parts["w1_qweight"].dtype == torch.int8 else 4, symmetric))
     return {k: _to(t, dtype, device) for k, t in plain.items()}
 
 
@@ -186,7 +191,10 @@ def _pop_bias(plain: dict, stem: str, dtype, device) -> torch.Tensor | None:
     return None if bias is None else _to(bias, dtype, device)
 
 
-def _install_gptq(model, tensors, layer, config, q, dtype, device) -> dict[str, torch.Tensor]:
+def gptq_to_native(tensors: dict[str, torch.Tensor], layer: int | None, config: YuanConfig, q: QuantConfig,
+                   dtype: torch.dtype, device="cpu") -> dict[str, torch.Tensor]:
+    """One group of an AutoGPTQ folder as the tensors this project's quantized folder holds for it:
+    native names, the kernels' layouts (the same bytes as the file's), the routers' weights in fp32."""
     if layer is None:  # the embedding, the final norm and the head are not quantized
         return official_shared_to_native({k: _to(t, dtype, device) for k, t in tensors.items()}, config)
     codes_src = {k: _to(t, dtype, device) for k, t in tensors.items() if k.rsplit(".", 1)[-1] not in GPTQ_PARTS}
@@ -198,29 +206,23 @@ def _install_gptq(model, tensors, layer, config, q, dtype, device) -> dict[str, 
     # The official converter permutes q/k heads and stacks experts along the output rows: apply it
     # to the codes and, separately, to the scales and zeros.
     codes, sz = official_layer_to_native(codes_src, config, layer), official_layer_to_native(sz_src, config, layer)
-    plain = {}
+    out = {}
     for name, c in codes.items():
         if c.dtype != torch.uint8:
-            plain[name] = c
+            out[name] = c
             continue
         s = _scales_and_zeros(sz[name])
-        if ".router." in name:
-            plain[name] = dequantize(c, s, q.bits, dtype)
+        if ".router." in name:  # small, and read in fp32 by the router: kept exact
+            out[name] = dequantize(c, s, q.bits, torch.float32)
             continue
         rows, cols = c.shape[-2:]
         try:
             check_shape(rows, cols, q.bits, cols // s.shape[-3], name)
         except ValueError as exc:
             raise CheckpointError(f"cannot load this GPTQ checkpoint: {exc}") from None
-        if name.endswith(".weight"):
-            _replace(model, name[: -len(".weight")], QuantLinear(pack_codes(c, q.bits), s.to(dtype), q.bits))
-        elif name.endswith(".w1"):
-            path = name[: -len(".w1")]
-            parts = {"w1_qweight": pack_codes(c, q.bits), "w1_scales_and_zeros": s.to(dtype),
-                     "w2_qweight": pack_codes(codes[path + ".w2"], q.bits),
-                     "w2_scales_and_zeros": _scales_and_zeros(sz[path + ".w2"]).to(dtype)}
-            _replace(model, path, QuantExperts(parts, q.bits))
-    return plain
+        qweight, scales_and_zeros = native_buffer_names(name)
+        out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits), s.to(dtype)
+    return out
 
 
 def _scales_and_zeros(flat: torch.Tensor) -> torch.Tensor:
