@@ -99,7 +99,9 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
     """(bits, group_size) at which `yuan quantize` stores native tensor `name`, None to keep it
     as is. Every linear weight and the experts are quantized at the requested bits, except the
     routers (kept: tiny, and their expert choice is sensitive); a weight whose shape the requested
-    layout cannot hold, and the output head, get 8 bits with one scale per output row."""
+    layout cannot hold, and the output head, get 8 bits with one scale per output row. A folder
+    re-laid out from AutoGPTQ holds what AutoGPTQ quantized (attention and experts) and nothing
+    else (its routers arrive dequantized)."""
     experts = _EXPERTS.fullmatch(name)
     if q.from_gptq:
         return (q.bits, q.group_size or shape[-1]) if experts or _GPTQ_NATIVE.fullmatch(name) else None
