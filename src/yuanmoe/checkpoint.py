@@ -8,6 +8,10 @@ the tied lm_head is not stored) + tokenizer files. Official format (Yuan2-M32-hf
 `config.json` (it has `model_type`) + tensors under official names, in `.safetensors` or `.bin`
 files, single or sharded with an index JSON; convert/official.py maps the two.
 
+Quantized folders (this project's `yuan quantize` output, the official AutoGPTQ INT4/INT8) have a
+`quantize_config.json`; quant/formats.py says what they hold and builds their modules, the former
+left memory-mapped.
+
 Loading is lazy and memory-safe: the model is built on the meta device, the weight files are
 memory-mapped, and each group of tensors (the embedding and final norm, then one layer at a time)
 is read, converted, cast to the requested dtype and assigned in place of the meta parameters
@@ -214,10 +218,13 @@ def iter_weights(path: str | Path, dtype: torch.dtype | str | None = None
 def _gptq_group(weights: "_WeightFiles", layer: int | None, names: list[str], config: YuanConfig, quant: QuantConfig,
                 dtype: torch.dtype) -> tuple[int | None, dict[str, torch.Tensor]]:
     with weights.read(names) as mapped:
-        tensors = gptq_to_native(mapped, layer, config, quant, dtype)
-        mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
-        return layer, {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t
-                       for k, t in tensors.items()}
+        return layer, _unmapped(gptq_to_native(mapped, layer, config, quant, dtype), mapped)
+
+
+def _unmapped(tensors: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with those that still view the mapped files copied out of them."""
+    mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    return {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t for k, t in tensors.items()}
 
 
 def _embedding_name(fmt: str) -> str:
@@ -285,15 +292,13 @@ def _read_group(weights: "_WeightFiles", names: list[str], layer: int | None, co
     """One group of tensors (the shared ones, or one layer) under native names, in the requested
     dtype and on the requested device, none of them referring to the mapped files any more."""
     with weights.read(names) as mapped:
-        mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
         # Cast before converting, so the conversion's copies (stacked experts...) are already in dtype.
         tensors = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                    for k, t in mapped.items()}
         if fmt == "official":
             tensors = (official_shared_to_native(tensors, config) if layer is None
                        else official_layer_to_native(tensors, config, layer))
-        return {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t
-                for k, t in tensors.items()}
+        return _unmapped(tensors, mapped)
 
 
 def _checkpoint_folder(path: str | Path) -> Path:
