@@ -134,12 +134,12 @@ def test_gptq_act_order_with_a_permuted_g_idx_is_refused(tmp_path):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_matmul_path_computes_the_dequantized_weight(bits, group_size, symmetric, dtype, monkeypatch):
-    from yuanmoe.quant.packing import dequantize, unpack_int4
+    from yuanmoe.quant.modules import unpack_codes
+    from yuanmoe.quant.packing import dequantize
 
     linear = torch.nn.Linear(128, 192, bias=True)
     layer = QuantLinear.quantize(linear, bits, group_size, symmetric, dtype)
-    codes = unpack_int4(layer.qweight) if bits == 4 else layer.qweight
-    weight = dequantize(codes, layer.scales_and_zeros, bits)
+    weight = dequantize(unpack_codes(layer.qweight, bits), layer.scales_and_zeros, bits)
     if dtype == torch.float32:  # the error is half a step of each group (bf16 scales round further)
         assert (weight - linear.weight).abs().max() <= layer.scales_and_zeros[..., 0].max() * 0.51
     for rows in (1, 3, 4, 9):  # the kernels' rows (decoding) and the dequantizing path's (prefill)

@@ -149,7 +149,7 @@ def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConf
         bits, group_size = plan
         *lead, rows, cols = shape
         qweight, sz = native_buffer_names(name)
-        out[qweight] = (*lead, rows, cols * bits // 8)
+        out[qweight] = (*lead, rows, cols // 2) if bits == 4 else (*lead, cols // group_size, rows, group_size)
         out[sz] = (*lead, cols // group_size, rows, 2)
     return out
 
@@ -223,7 +223,7 @@ def gptq_to_native(tensors: dict[str, torch.Tensor], layer: int | None, config: 
         except ValueError as exc:
             raise CheckpointError(f"cannot load this GPTQ checkpoint: {exc}") from None
         qweight, scales_and_zeros = native_buffer_names(name)
-        out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits), s.to(dtype)
+        out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits, cols // s.shape[-3]), s.to(dtype)
     return out
 
 

@@ -2,9 +2,10 @@
 
 Activations stay in the model's dtype (bf16 for speed, fp32 for exactness tests). Each matmul takes
 the fastest path measured for its shape (benchmarks/quant_kernels.py):
-* a few rows (decoding): PyTorch's CPU weight-only kernels, `_weight_int8pack_mm` for 8 bits with one
-  group per row, `_weight_int4pack_mm_for_cpu` for 4 bits; they read the packed weight directly;
-* more rows (a prefill), 8 bits with several groups, or another device: the weight is dequantized,
+* a few rows (decoding): PyTorch's CPU weight-only kernels, `_weight_int8pack_mm` for 8 bits (once
+  per group: it takes one scale per row), `_weight_int4pack_mm_for_cpu` for 4 bits; they read the
+  packed weight directly;
+* more rows (a prefill), or another device: the weight is dequantized,
   one matrix at a time, and multiplied by a dense matmul. This path is also the pure-PyTorch
   fallback wherever the kernels are missing (`KERNELS` False).
 """
@@ -54,9 +55,18 @@ def check_shape(out_features: int, in_features: int, bits: int, group_size: int,
                          f"{', '.join(map(str, INT4_GROUP_SIZES))}")
 
 
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [..., out, in] -> the stored layout (int8 code - 128, or packed int4)."""
-    return pack_int4(codes) if bits == 4 else (codes.to(torch.int16) - 128).to(torch.int8)
+def pack_codes(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """uint8 codes [..., out, in] -> the stored layout: packed int4 [..., out, in/2], or int8
+    code - 128 grouped [..., groups, out, group_size] (each group a dense matrix for the int8 kernel)."""
+    if bits == 4:
+        return pack_int4(codes)
+    signed = (codes.to(torch.int16) - 128).to(torch.int8)
+    return signed.unflatten(-1, (-1, group_size)).movedim(-2, -3).contiguous()
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_codes: codes [..., out, in] (uint8 at 4 bits, int8 code - 128 at 8 bits)."""
+    return unpack_int4(qweight) if bits == 4 else qweight.movedim(-3, -2).flatten(-2)
 
 
 def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool = True,
@@ -70,23 +80,36 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
         parts = [quantize_weight(m, bits, group_size, symmetric, dtype, name) for m in w]
         return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
     codes, sz = quantize_groups(w, bits, group_size, symmetric)
-    return pack_codes(codes, bits), sz.to(dtype)
+    return pack_codes(codes, bits, group_size), sz.to(dtype)
 
 
 def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
                  symmetric: bool) -> torch.Tensor:
     """x [rows, in] @ dequantize(qweight, scales_and_zeros).T -> [rows, out] in x's dtype."""
     rows, groups = x.shape[0], scales_and_zeros.shape[0]
+    group_size = x.shape[1] // groups
     on_cpu = KERNELS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
-    if on_cpu and bits == 8 and groups == 1 and rows <= INT8_KERNEL_MAX_ROWS:
-        scale, zero = scales_and_zeros[0].unbind(-1)
-        y = torch._weight_int8pack_mm(x.contiguous(), qweight, scale.contiguous())  # the kernel reads it densely
-        return y if symmetric else y + x.sum(-1, keepdim=True) * zero
+    if (on_cpu and bits == 8 and rows <= INT8_KERNEL_MAX_ROWS
+            and (groups == 1 or qweight[0].nbytes % ALIGN == 0)):  # every group's matrix aligned
+        return _int8_groups(x.contiguous(), qweight, scales_and_zeros, symmetric)
     if on_cpu and bits == 4 and rows <= INT4_KERNEL_MAX_ROWS and _int4_kernel_available():
-        group_size = x.shape[1] // groups
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), qweight, group_size, scales_and_zeros)
-    codes = unpack_int4(qweight) if bits == 4 else qweight
-    return F.linear(x, dequantize(codes, scales_and_zeros, bits, x.dtype, symmetric))
+    return F.linear(x, dequantize(unpack_codes(qweight, bits), scales_and_zeros, bits, x.dtype, symmetric))
+
+
+def _int8_groups(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 symmetric: bool) -> torch.Tensor:
+    """The int8 kernel once per group (one, for one scale per row), partial sums in fp32."""
+    groups, _, group_size = qweight.shape
+    scale, zero = scales_and_zeros.unbind(-1)  # [groups, out]
+    if groups == 1:
+        y = torch._weight_int8pack_mm(x, qweight[0], scale[0].contiguous())  # the kernel reads scales densely
+    else:
+        y = sum(torch._weight_int8pack_mm(x[:, g * group_size:(g + 1) * group_size].contiguous(), qweight[g],
+                                          scale[g].contiguous()).float() for g in range(groups)).to(x.dtype)
+    if symmetric:
+        return y
+    return y + x.unflatten(-1, (groups, group_size)).sum(-1) @ zero
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -100,16 +123,16 @@ def _is_symmetric(scales_and_zeros: torch.Tensor) -> bool:
 class QuantLinear(nn.Module):
     """A bias-free linear layer with group-quantized weights.
 
-    qweight: int8 [out, in] (8 bits) or packed uint8 [out, in/2] (4 bits);
+    qweight: int8 [groups, out, group_size] (8 bits) or packed uint8 [out, in/2] (4 bits);
     scales_and_zeros: [in / group_size, out, 2] in the activation dtype."""
 
     def __init__(self, qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
                  bias: torch.Tensor | None = None, symmetric: bool | None = None):
         super().__init__()
         self.bits = bits
-        self.out_features = qweight.shape[0]
-        self.in_features = qweight.shape[1] * (8 // bits)
-        self.group_size = self.in_features // scales_and_zeros.shape[0]
+        groups, self.out_features = scales_and_zeros.shape[:2]
+        self.in_features = qweight.shape[1] * 2 if bits == 4 else groups * qweight.shape[2]
+        self.group_size = self.in_features // groups
         self.register_buffer("qweight", _aligned(qweight))
         self.register_buffer("scales_and_zeros", _aligned(scales_and_zeros))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
