@@ -5,8 +5,8 @@ the fastest path measured for its shape (benchmarks/quant_kernels.py):
 * a few rows (decoding): PyTorch's CPU weight-only kernels, `_weight_int8pack_mm` for 8 bits (once
   per group: it takes one scale per row), `_weight_int4pack_mm_for_cpu` for 4 bits; they read the
   packed weight directly;
-* more rows (a prefill), or another device: the weight is dequantized,
-  one matrix at a time, and multiplied by a dense matmul. This path is also the pure-PyTorch
+* more rows (a prefill), or another device: the weight is dequantized, one matrix at a time, and
+  multiplied by a dense matmul. This path is also the pure-PyTorch
   fallback wherever the kernels are missing (`KERNELS` False).
 """
 
@@ -21,8 +21,8 @@ from torch import nn
 from .packing import BITS, INT4_BLOCK, INT4_GROUP_SIZES, dequantize, pack_int4, quantize_groups, unpack_int4
 
 # Most rows for which each kernel beats dequantize + dense bf16 matmul (benchmarks/quant_kernels.py:
-# both kernels cost ~0.1 ms per row per 8M weights, linear in rows; dequantizing costs ~3 ms (int8)
-# or ~16 ms (int4) per 8M weights, once per call).
+# both kernels cost ~0.1 ms per row per 8M weights, linear in rows; dequantizing costs ~2 ms (int8)
+# or ~11 ms (int4) per 8M cache-warm weights, once per call).
 INT8_KERNEL_MAX_ROWS = 32
 INT4_KERNEL_MAX_ROWS = 128
 # The weight-only kernels fault on weights that are not 64-byte aligned (seen with 4-row int8 calls

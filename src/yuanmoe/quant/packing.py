@@ -9,9 +9,10 @@ the form the PyTorch CPU int4 kernel takes (`scales_and_zeros` [groups, out, 2])
 weights have zero = 0. The AutoGPTQ form `scale * (code - z)` maps to it with
 zero = scale * (mid - z).
 
-Stored layouts: 8-bit codes as int8 `code - mid` [out, in]; 4-bit codes as the CPU int4 kernel's
-packed uint8 [out, in/2] (`pack_int4`): blocks of 64 output rows, where byte [k, j] of a block holds
-row j (low nibble) and row j + 32 (high nibble) at column k.
+Stored layouts (modules.pack_codes): 8-bit codes as int8 `code - mid`, group-major [groups, out,
+group_size]; 4-bit codes as the CPU int4 kernel's packed uint8 [out, in/2] (`pack_int4`): blocks of
+64 output rows, where byte [k, j] of a block holds row j (low nibble) and row j + 32 (high nibble)
+at column k.
 """
 
 from __future__ import annotations
