@@ -142,6 +142,10 @@ MUTATIONS = [
              'data.get("rope_theta", data.get("rotary_base", 10000.0))', ("tests/test_rope.py",)),
     Mutation("a re-laid-out AutoGPTQ folder quantizes its float tensors as well", "src/yuanmoe/quant/formats.py",
              "    if q.from_gptq:\n", "    if False:\n", ("tests/test_quantize.py",)),
+    Mutation("quantized folders copied into memory instead of computed from the mapped files",
+             "src/yuanmoe/quant/formats.py",
+             "        qweight, sz = _to(plain.pop(name), dtype, device), _to(",
+             "        qweight, sz = _to(plain.pop(name), dtype, device).clone(), _to(", ("tests/test_quantize.py",)),
     Mutation("maskless prefill also into a cache that is not empty", "src/yuanmoe/model/transformer.py",
              ".all() & (written == 0)", ".all()", ("tests/test_long_context.py",)),
 ]

@@ -3,6 +3,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,14 +27,11 @@ def gptq(request, tmp_path_factory):
     from yuanmoe.cli import main
 
     bits, relaid = request.param
-    folder = GPTQ[bits]
+    folder = loaded = GPTQ[bits]
     if relaid:
-        out = tmp_path_factory.mktemp("relaid") / folder.name
-        assert main(["quantize", str(folder), str(out)]) == 0
-        folder_loaded = out
-    else:
-        folder_loaded = folder
-    return folder, load_file(folder / "golden.safetensors"), from_pretrained(folder_loaded, dtype=torch.float32)
+        loaded = tmp_path_factory.mktemp("relaid") / folder.name
+        assert main(["quantize", str(folder), str(loaded)]) == 0
+    return folder, load_file(folder / "golden.safetensors"), from_pretrained(loaded, dtype=torch.float32)
 
 
 @pytest.fixture(params=[True, False], ids=["kernels", "pure-pytorch"])
@@ -198,6 +196,21 @@ def test_quantized_folder_loads_packed_and_tracks_the_float_model(quantized, flo
     with pytest.raises(CheckpointError, match="already quantized; start from the unquantized checkpoint"):
         from yuanmoe.quant.convert import quantize_checkpoint
         quantize_checkpoint(folder, folder.parent / "again")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+def test_quantized_folder_is_computed_from_the_mapped_files(quantized):
+    _, folder = quantized
+    model = from_pretrained(folder)
+    shards = {str(f.resolve()) for f in folder.glob("*.safetensors")}
+    regions = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5] in shards:
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            regions.append((start, end))
+    weights = [t for name, t in model.named_buffers() if name.endswith("qweight")]
+    assert weights and all(any(a <= t.data_ptr() < b for a, b in regions) for t in weights)
 
 
 def test_generate_and_chat_run_the_quantized_folder(quantized, capsys, monkeypatch):
