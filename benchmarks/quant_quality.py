@@ -2,8 +2,8 @@
 
 Trains the demo model (`make demo`: Python standard library code, a few minutes) unless given a
 checkpoint, quantizes it with `yuan quantize` (int8 one scale per row; int4 group 128 and 32,
-symmetric and asymmetric), and scores each on the demo's held-out split. Targets (issue 12):
-int8 / bf16 <= 1.005, int4 / bf16 <= 1.05.
+symmetric and asymmetric, the head int8, int4 or kept), and scores each on the demo's held-out
+split. Targets (issue 12): int8 / bf16 <= 1.005, int4 / bf16 <= 1.05.
 
     .venv/bin/python benchmarks/quant_quality.py [--checkpoint CKPT --data PREPARED] [--limit 60]
 """
@@ -22,8 +22,9 @@ from yuanmoe.evaluation.perplexity import perplexity
 from yuanmoe.quant.convert import quantize_checkpoint
 from yuanmoe.tokenizer import load_tokenizer
 
-VARIANTS = {"int8, one scale per row": (8, 0, True), "int4, group 128": (4, 128, True),
-            "int4, group 128, asymmetric": (4, 128, False), "int4, group 32": (4, 32, True)}
+VARIANTS = {"int8, one scale per row": (8, 0, True, 8), "int4, group 128": (4, 128, True, 8),
+            "int4, group 128, head kept": (4, 128, True, 0), "int4, group 128, head int4": (4, 128, True, 4),
+            "int4, group 128, asymmetric": (4, 128, False, 8), "int4, group 32": (4, 32, True, 8)}
 TARGETS = {8: 1.005, 4: 1.05}
 
 
@@ -55,9 +56,9 @@ def main() -> None:
     print(f"checkpoint {checkpoint}\nheld-out data {data}\n")
     print(f"{'weights':<30} {'perplexity':>10} {'/ bf16':>8} {'target':>8}")
     print(f"{'bf16':<30} {base:>10.4f}")
-    for label, (bits, group_size, symmetric) in VARIANTS.items():
-        folder = quantize_checkpoint(checkpoint, work / f"q{bits}-{group_size}-{symmetric}", bits, group_size,
-                                     symmetric)
+    for label, (bits, group_size, symmetric, head_bits) in VARIANTS.items():
+        folder = quantize_checkpoint(checkpoint, work / f"q{bits}-{group_size}-{symmetric}-{head_bits}", bits,
+                                     group_size, symmetric, head_bits)
         ppl = score(folder)
         ratio = ppl / base
         met = "met" if ratio <= TARGETS[bits] else "MISSED"

@@ -198,6 +198,14 @@ def test_quantized_folder_loads_packed_and_tracks_the_float_model(quantized, flo
         quantize_checkpoint(folder, folder.parent / "again")
 
 
+def test_head_kept_stays_tied_to_the_embedding(float_checkpoint, tmp_path):
+    from yuanmoe.quant.convert import quantize_checkpoint
+
+    model = from_pretrained(quantize_checkpoint(float_checkpoint, tmp_path / "q", 4, 32, head_bits=0))
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.embed_tokens.weight
+    assert isinstance(model.layers[0].self_attn.q_proj, QuantLinear)
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
 def test_quantized_folder_is_computed_from_the_mapped_files(quantized):
     _, folder = quantized

@@ -23,7 +23,7 @@ STORED_DTYPE = torch.bfloat16  # the unquantized tensors and the scales
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,
-                        symmetric: bool = True) -> Path:
+                        symmetric: bool = True, head_bits: int = 8) -> Path:
     """Quantize checkpoint folder `src` into folder `out` (written atomically). bits None: 4.
     group_size None: 128 at 4 bits, one group per output row at 8 bits (the fastest int8 kernel, and
     accurate enough). An AutoGPTQ folder (the official INT4/INT8) keeps its bits, groups and values,
@@ -43,8 +43,10 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = Non
     if group_size is not None and group_size < 0:
         raise ValueError(f"--group-size must be positive (or 0 for one group per output row), got {group_size}")
     from_gptq = gptq is not None
+    if head_bits not in (0, 4, 8):
+        raise ValueError(f"--head-bits must be 0 (keep the head), 4 or 8, got {head_bits}")
     q = QuantConfig(NATIVE_METHOD, bits, (128 if bits == 4 else 0) if group_size is None else group_size, symmetric,
-                    from_gptq=from_gptq)
+                    from_gptq=from_gptq, head_bits=head_bits)
     # An AutoGPTQ source keeps its fp16 scales and tensors: exactly its values.
     config, groups = iter_weights(src, torch.float16 if from_gptq else None)
     try:
@@ -57,7 +59,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = Non
 
 def quantize_group(state: dict[str, torch.Tensor], config: YuanConfig, q: QuantConfig) -> dict[str, torch.Tensor]:
     """One group of native tensors -> the tensors a quantized folder holds for them."""
-    if config.tie_word_embeddings and "embed_tokens.weight" in state and not q.from_gptq:
+    if config.tie_word_embeddings and "embed_tokens.weight" in state and q.own_head:
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}  # the head gets its own copy
     out = {}
     for name, t in state.items():
@@ -134,10 +136,12 @@ def register(sub) -> None:
     p.add_argument("--group-size", type=int,
                    help="input columns per scale (default: 128 at 4 bits, a whole row at 8 bits; 0 = a whole row)")
     p.add_argument("--asymmetric", action="store_true", help="a zero point per group as well as a scale")
+    p.add_argument("--head-bits", type=int, choices=(0, 4, 8), default=8,
+                   help="the output head: 8 (the default, one scale per row), 4, or 0 to keep it (tied: the embedding)")
     p.set_defaults(func=run_quantize)
 
 
 def run_quantize(args) -> int:
-    out = quantize_checkpoint(args.src, args.out, args.bits, args.group_size, not args.asymmetric)
+    out = quantize_checkpoint(args.src, args.out, args.bits, args.group_size, not args.asymmetric, args.head_bits)
     print(f"wrote {out}")
     return 0

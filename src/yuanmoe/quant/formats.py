@@ -52,6 +52,12 @@ class QuantConfig:
     file_base: str = "model"
     # A folder re-laid out from an AutoGPTQ one: its quantized linears and nothing else, values kept.
     from_gptq: bool = False
+    head_bits: int = 8  # the output head: 8 (one scale per row), 4 (groups as the rest) or 0 (kept)
+
+    @property
+    def own_head(self) -> bool:
+        """Whether a model with tied embeddings gets a quantized copy of the embedding as its head."""
+        return self.method == NATIVE_METHOD and not self.from_gptq and self.head_bits > 0
 
     @property
     def weight_files(self) -> tuple[str, ...]:
@@ -63,7 +69,8 @@ class QuantConfig:
 
     def to_json(self) -> str:
         return json.dumps({"quant_method": self.method, "bits": self.bits, "group_size": self.group_size,
-                           "sym": self.symmetric, "from_gptq": self.from_gptq}, indent=2) + "\n"
+                           "sym": self.symmetric, "from_gptq": self.from_gptq, "head_bits": self.head_bits},
+                          indent=2) + "\n"
 
 
 def read_quant_config(folder: Path) -> QuantConfig | None:
@@ -91,7 +98,8 @@ def read_quant_config(folder: Path) -> QuantConfig | None:
     base = data.get("model_file_base_name") or (f"gptq_model-{bits}bit-{group_size}g" if method == "gptq"
                                                 else "model")
     return QuantConfig(method, bits, max(group_size, 0), bool(data.get("sym", True)),
-                       bool(data.get("desc_act", False)), base, bool(data.get("from_gptq", False)))
+                       bool(data.get("desc_act", False)), base, bool(data.get("from_gptq", False)),
+                       int(data.get("head_bits", 8)))
 
 
 # ------------------------------------------------------------------------------ expected tensors
@@ -99,7 +107,8 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
     """(bits, group_size) at which `yuan quantize` stores native tensor `name`, None to keep it
     as is. Every linear weight and the experts are quantized at the requested bits, except the
     routers (kept: tiny, and their expert choice is sensitive); a weight whose shape the requested
-    layout cannot hold, and the output head, get 8 bits with one scale per output row. A folder
+    layout cannot hold, and the output head, get 8 bits with one scale per output row (the head:
+    unless head_bits says 4, or 0 to keep it). A folder
     re-laid out from AutoGPTQ holds what AutoGPTQ quantized (attention and experts) and nothing
     else (its routers arrive dequantized)."""
     experts = _EXPERTS.fullmatch(name)
@@ -109,8 +118,8 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
     if ".router." in name or name == "embed_tokens.weight" or not (experts or linear):
         return None
     out, inp = shape[-2:]
-    if name == "lm_head.weight":
-        return 8, inp
+    if name == "lm_head.weight" and q.head_bits != 4:
+        return (8, inp) if q.head_bits == 8 else None
     group_size = q.group_size or inp
     try:
         check_shape(out, inp, q.bits, group_size)
@@ -128,7 +137,7 @@ def native_buffer_names(name: str) -> tuple[str, str]:
 def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConfig) -> dict[str, tuple]:
     """Map the names and shapes an unquantized folder of this config would hold (official names
     for GPTQ, native ones otherwise) to those the quantized folder holds."""
-    if q.method == NATIVE_METHOD and config.tie_word_embeddings and not q.from_gptq:
+    if config.tie_word_embeddings and q.own_head:
         expected = {**expected, "lm_head.weight": expected["embed_tokens.weight"]}  # the head gets its own copy
     out: dict[str, tuple] = {}
     for name, shape in expected.items():
