@@ -9,9 +9,11 @@ Both are recognised by a `quantize_config.json` beside `config.json`:
   and repacked into the kernel layouts (the same number of bytes), never into float weights,
   except the routers' small [experts, hidden] matrices, which the routers read in fp32.
 * This project's (written by `yuan quantize`): `quant_method` "yuanmoe", native config and names,
-  `model.safetensors` holding each quantized module's buffers exactly as the modules use them
-  (`X.qweight`, `X.scales_and_zeros`; experts `experts.w1_qweight`...), so loading maps the file and
-  the model computes from the mapped pages: nothing is copied.
+  one 64-byte-aligned safetensors shard per layer (`model.safetensors.index.json`) holding each
+  quantized module's buffers exactly as the modules use them (`X.qweight`, `X.scales_and_zeros`;
+  experts `experts.w1_qweight`...), so loading maps the files and the model computes from the
+  mapped pages: nothing is copied. `from_gptq` marks one re-laid out from AutoGPTQ (same values),
+  `head_bits` how the output head is held.
 
 checkpoint.from_pretrained drives the loading; this module says which files and tensors a folder
 must have and builds the quantized modules from one group of tensors at a time.
