@@ -32,7 +32,8 @@ def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = Non
     from ..tokenizer import load_tokenizer
 
     gptq = read_quant_config(_checkpoint_folder(src))
-    if gptq is not None and gptq.method == "gptq":
+    gptq = gptq if gptq is not None and gptq.method == "gptq" else None  # iter_weights refuses our own
+    if gptq is not None:
         if (bits or gptq.bits, gptq.group_size if group_size is None else group_size) != (gptq.bits, gptq.group_size):
             raise ValueError(f"{src} is an AutoGPTQ checkpoint of {gptq.bits} bits in groups of {gptq.group_size}; "
                              f"it keeps them (leave out --bits and --group-size)")
