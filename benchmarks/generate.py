@@ -54,7 +54,7 @@ class ReferenceDecoder:
         self.m = model
         self.config = c = model.config
         positions = torch.arange(c.max_position_embeddings).unsqueeze(0)
-        cos, sin = rope_cos_sin(positions, c.rope_dim, c.rope_base)  # cached tables, as the official code
+        cos, sin = rope_cos_sin(positions, c)  # cached tables, as the official code
         self.cos, self.sin = cos[0, 0], sin[0, 0]
 
     def generate(self, input_ids: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, float]:

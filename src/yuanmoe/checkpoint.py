@@ -8,6 +8,10 @@ the tied lm_head is not stored) + tokenizer files. Official format (Yuan2-M32-hf
 `config.json` (it has `model_type`) + tensors under official names, in `.safetensors` or `.bin`
 files, single or sharded with an index JSON; convert/official.py maps the two.
 
+Quantized folders (this project's `yuan quantize` output, the official AutoGPTQ INT4/INT8) have a
+`quantize_config.json`; quant/formats.py says what they hold and builds their modules, the former
+left memory-mapped.
+
 Loading is lazy and memory-safe: the model is built on the meta device, the weight files are
 memory-mapped, and each group of tensors (the embedding and final norm, then one layer at a time)
 is read, converted, cast to the requested dtype and assigned in place of the meta parameters
@@ -17,6 +21,7 @@ before the next group is mapped. Peak memory is one copy of the model plus one l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +39,10 @@ from .convert.official import (CheckpointError, config_from_official, config_to_
                                official_layer_to_native, official_shared_to_native)
 from .device import resolve_device, resolve_dtype
 from .model import YuanForCausalLM
+from .model.attention import rope_description
+from .quant.formats import QuantConfig, expected_shapes, gptq_to_native, install_group, read_quant_config
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 FORMATS = ("native", "official")
@@ -56,8 +65,6 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
-        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
     config = model.config
     state = {k: v for k, v in model.state_dict().items()
              if not (config.tie_word_embeddings and k == "lm_head.weight")}
@@ -67,18 +74,28 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     else:
         config_text = config.to_json()
         tensors = state
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with writing_folder(path) as tmp:
         (tmp / CONFIG_FILE).write_text(config_text)
         _write_safetensors(tensors, tmp, max_shard_bytes)
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return path
+
+
+@contextmanager
+def writing_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed into place when the block ends without an error
+    (replacing a checkpoint folder there), removed otherwise: `path` never holds half a checkpoint."""
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
+        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
         _replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -155,8 +172,77 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         load_weights(folder, model)
         check_finite(model.state_dict(), folder)
         return model.to(device=device, dtype=dtype).eval()
-    weights = _WeightFiles(folder)
+    quant = read_quant_config(folder)
     model = empty_model(config)
+    weights, groups = _open_weights(folder, model, fmt, quant)
+    # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
+    dtype = dtype or (torch.bfloat16 if quant else weights.dtype_of(_embedding_name(fmt)))
+    log.info("loading %s: RoPE %s%s", folder, rope_description(config),
+             f"; weights {quant.describe()}" if quant else "")
+    for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
+        if quant:
+            with weights.read(names) as mapped:
+                state = install_group(model, mapped, layer, config, quant, dtype, device)
+        else:
+            state = _read_group(weights, names, layer, config, fmt, dtype, device)
+        check_finite(state, folder)
+        model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantized head is its own
+        model.lm_head.weight = model.embed_tokens.weight
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
+    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+
+
+def iter_weights(path: str | Path, dtype: torch.dtype | str | None = None
+                 ) -> tuple[YuanConfig, Iterator[tuple[int | None, dict[str, torch.Tensor]]]]:
+    """The config of a checkpoint folder and its weights under native names, one group at a time
+    (the shared tensors, then each layer), on the CPU: for tools that stream a model too large to
+    hold twice, such as `yuan quantize`. The tied head is not among them. An AutoGPTQ folder gives
+    its groups as this project's quantized folders hold them (quant/formats.py)."""
+    dtype = resolve_dtype(dtype)
+    folder = _checkpoint_folder(path)
+    config, fmt = load_config(folder)
+    quant = read_quant_config(folder)
+    if quant and quant.method != "gptq":
+        raise CheckpointError(f"{folder} is already quantized; start from the unquantized checkpoint")
+    if quant:
+        weights, groups = _open_weights(folder, empty_model(config), fmt, quant)
+        return config, (_gptq_group(weights, layer, names, config, quant, dtype or torch.bfloat16)
+                        for layer, names in groups.items())
+    if (folder / ".metadata").is_file():  # a training run's checkpoint: small enough to load whole
+        state = from_pretrained(folder, dtype=dtype).state_dict()
+        groups = _group_names(k for k in state if not (config.tie_word_embeddings and k == "lm_head.weight"))
+        return config, ((layer, {k: state[k] for k in names}) for layer, names in groups.items())
+    weights, groups = _open_weights(folder, empty_model(config), fmt)
+    dtype = dtype or weights.dtype_of(_embedding_name(fmt))
+    return config, ((layer, _read_group(weights, names, layer, config, fmt, dtype, "cpu"))
+                    for layer, names in groups.items())
+
+
+def _gptq_group(weights: "_WeightFiles", layer: int | None, names: list[str], config: YuanConfig, quant: QuantConfig,
+                dtype: torch.dtype) -> tuple[int | None, dict[str, torch.Tensor]]:
+    with weights.read(names) as mapped:
+        return layer, _unmapped(gptq_to_native(mapped, layer, config, quant, dtype), mapped)
+
+
+def _unmapped(tensors: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`tensors` with those that still view the mapped files copied out of them."""
+    mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
+    return {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t for k, t in tensors.items()}
+
+
+def _embedding_name(fmt: str) -> str:
+    return "embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight"
+
+
+def _open_weights(folder: Path, model: YuanForCausalLM, fmt: str, quant: QuantConfig | None = None
+                  ) -> tuple["_WeightFiles", dict[int | None, list[str]]]:
+    """The folder's weight files, checked against the names and shapes the model needs, and their
+    tensor names grouped by layer (None: the tensors outside the layers)."""
+    config = model.config
+    weights = _WeightFiles(folder, quant.weight_files if quant else WEIGHT_FILES)
     # Stand-ins with the parameters' shapes and no memory (a broadcast scalar), to learn the names
     # and shapes the checkpoint must have. Meta tensors would do, but the meta kernels of the
     # reshaping ops in native_to_official import torch._dynamo (~3 s).
@@ -167,23 +253,19 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
         optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     else:
         optional = set()
-    _check_names_and_shapes(weights, {k: tuple(v.shape) for k, v in expected.items()}, optional, folder)
-    dtype = dtype or weights.dtype_of("embed_tokens.weight" if fmt == "native" else "model.embed_tokens.weight")
+    expected = {k: tuple(v.shape) for k, v in expected.items()}
+    if quant:
+        expected = expected_shapes(expected, config, quant)
+    _check_names_and_shapes(weights, expected, optional, folder)
+    return weights, _group_names(weights.names)
 
+
+def _group_names(names) -> dict[int | None, list[str]]:
     groups: dict[int | None, list[str]] = {}
-    for name in weights.names:
+    for name in names:
         m = _LAYER.match(name)
         groups.setdefault(int(m.group(1)) if m else None, []).append(name)
-    for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
-        tensors = _read_group(weights, names, layer, config, fmt, dtype, device)
-        check_finite(tensors, folder)
-        model.load_state_dict(tensors, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
-    return model.to(device).eval()  # moves the buffers that are not in the checkpoint
+    return groups
 
 
 def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torch.dtype | str | None = None,
@@ -251,15 +333,13 @@ def _read_group(weights: "_WeightFiles", names: list[str], layer: int | None, co
     """One group of tensors (the shared ones, or one layer) under native names, in the requested
     dtype and on the requested device, none of them referring to the mapped files any more."""
     with weights.read(names) as mapped:
-        mapped_storages = {t.untyped_storage().data_ptr() for t in mapped.values()}
         # Cast before converting, so the conversion's copies (stacked experts...) are already in dtype.
         tensors = {k: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                    for k, t in mapped.items()}
         if fmt == "official":
             tensors = (official_shared_to_native(tensors, config) if layer is None
                        else official_layer_to_native(tensors, config, layer))
-        return {k: t.clone() if t.untyped_storage().data_ptr() in mapped_storages else t
-                for k, t in tensors.items()}
+        return _unmapped(tensors, mapped)
 
 
 def _checkpoint_folder(path: str | Path) -> Path:
@@ -299,10 +379,10 @@ class _WeightFiles:
     """The tensors of a checkpoint folder: names, shapes and dtypes from the file headers, data
     read on demand through memory maps."""
 
-    def __init__(self, folder: Path):
-        found = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+    def __init__(self, folder: Path, candidates: tuple[str, ...] = WEIGHT_FILES):
+        found = next((folder / f for f in candidates if (folder / f).is_file()), None)
         if found is None:
-            raise FileNotFoundError(f"{folder} has no weights ({', '.join(WEIGHT_FILES)})")
+            raise FileNotFoundError(f"{folder} has no weights ({', '.join(candidates)})")
         if found.name.endswith(".index.json"):
             try:
                 weight_map = json.loads(found.read_text())["weight_map"]
@@ -314,7 +394,7 @@ class _WeightFiles:
                 raise CheckpointError(f"{found} names shard(s) that do not exist: {_listing(absent)}")
         else:
             files = [found]
-        self.safetensors = found.name.startswith("model.safetensors")
+        self.safetensors = found.name.endswith((".safetensors", ".safetensors.index.json"))
         self.file_of: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple, torch.dtype]] = {}
         for file in files:
@@ -397,7 +477,7 @@ class _SafetensorsFile(_MappedFile):
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+                       "I64": torch.int64, "I32": torch.int32, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class _TorchFile(_MappedFile):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -18,6 +19,7 @@ COMMAND_MODULES = [
     "yuanmoe.evaluation.cli",
     "yuanmoe.inference.commands",
     "yuanmoe.experiments",
+    "yuanmoe.quant.convert",
 ]
 
 
@@ -31,7 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.Handler):
+    """The library's info lines (which RoPE and quantization a loaded checkpoint uses) on stderr,
+    wherever sys.stderr points when they are written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    logger = logging.getLogger("yuanmoe")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -29,6 +29,11 @@ class YuanConfig:
     # RoPE covers the first rotary_dim dims of each head; None means hidden_size / num_heads.
     rotary_dim: int | None = None
     rope_base: float = 10000.0
+    # YaRN context extension as the official vLLM port applies it (spec section 7); None = off.
+    # max_position_embeddings is then the extended context, yarn_original_max_position the trained one.
+    yarn_scale_factor: float | None = None
+    yarn_original_max_position: int | None = None
+    yarn_attn_factor: float = 1.0
     max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-6
     # Mixture of experts; num_experts = 0 makes every layer a dense SwiGLU FFN of width ffn_hidden_size.
@@ -87,6 +92,10 @@ class YuanConfig:
         need(self.rope_dim % 2 == 0 and 0 < self.rope_dim <= self.head_dim,
              f"rotary_dim ({self.rope_dim}) must be even and at most head_dim ({self.head_dim})")
         need(self.rope_base > 0, f"rope_base must be positive, got {self.rope_base}")
+        need(self.yarn_scale_factor is None or self.yarn_scale_factor > 0,
+             f"yarn_scale_factor must be positive (or null for no YaRN), got {self.yarn_scale_factor}")
+        need(self.yarn_original_max_position is None or self.yarn_original_max_position > 0,
+             f"yarn_original_max_position must be positive, got {self.yarn_original_max_position}")
         need(self.num_experts >= 0, f"num_experts must be >= 0, got {self.num_experts}")
         if self.is_moe:
             need(self.router in ROUTERS, f"unknown router {self.router!r}; choose one of {', '.join(ROUTERS)}")

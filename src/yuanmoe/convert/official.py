@@ -50,13 +50,12 @@ def _config_from_official(data: dict) -> YuanConfig:
     sep = data.get("sep_token", data.get("sep_token_id", 77187))
     pad = data.get("pad_token_id", eod)
     return YuanConfig(
+        **_rope_from_official(data),
         vocab_size=data["vocab_size"],
         hidden_size=hidden,
         num_layers=data["num_hidden_layers"],
         num_heads=data["num_attention_heads"],
         attention_projection_size=data.get("attention_projection_size") or hidden,
-        rope_base=float(data.get("rope_theta", 10000.0)),
-        max_position_embeddings=data.get("max_position_embeddings", 4096),
         rms_norm_eps=data.get("rms_norm_eps", 1e-6),
         num_experts=experts,
         top_k=int(moe.get("moe_top_k", 2)) if experts else 2,
@@ -68,6 +67,32 @@ def _config_from_official(data: dict) -> YuanConfig:
         pad_token_id=pad if pad is not None else eod,
         initializer_range=data.get("initializer_range", 0.02),
     )
+
+
+def _rope_from_official(data: dict) -> dict:
+    """RoPE fields of an official config.json (spec section 7): the base from `rotary_base` (the vLLM
+    port's key) or else `rope_theta`, default 10000 (the official HF code always uses 10000 whatever
+    the config says); YaRN from `use_yarn` with the vLLM port's defaults."""
+    original = data.get("max_position_embeddings", 4096)
+    fields = {"rope_base": float(data.get("rotary_base", data.get("rope_theta", 10000.0))),
+              "max_position_embeddings": original}
+    if data.get("use_yarn"):
+        fields.update(yarn_scale_factor=float(data.get("yarn_scale_factor", 128)),
+                      yarn_original_max_position=original,
+                      max_position_embeddings=int(data.get("scaled_max_position_embeddings", original)),
+                      yarn_attn_factor=float(data.get("attn_factor", 1.0)))
+    return fields
+
+
+def _rope_to_official(config: YuanConfig) -> dict:
+    fields = {"rotary_base": config.rope_base, "rope_theta": config.rope_base,
+              "max_position_embeddings": config.max_position_embeddings}
+    if config.yarn_scale_factor is not None:
+        fields.update(use_yarn=True, yarn_scale_factor=config.yarn_scale_factor,
+                      max_position_embeddings=config.yarn_original_max_position or config.max_position_embeddings,
+                      scaled_max_position_embeddings=config.max_position_embeddings,
+                      attn_factor=config.yarn_attn_factor)
+    return fields
 
 
 def check_official_expressible(config: YuanConfig) -> None:
@@ -96,9 +121,8 @@ def config_to_official(config: YuanConfig) -> dict:
         "num_attention_heads": config.num_heads,
         "attention_projection_size": config.attention_projection_size,
         "hidden_act": "silu",
-        "max_position_embeddings": config.max_position_embeddings,
+        **_rope_to_official(config),
         "model_max_length": config.max_position_embeddings,
-        "rope_theta": config.rope_base,
         "rms_norm_eps": config.rms_norm_eps,
         "initializer_range": config.initializer_range,
         "use_cache": True,

@@ -95,7 +95,7 @@ class PipelineStageModule(nn.Module):
         # One document per row: the causal kernel, as the model uses when given no position ids.
         mask = None if plain else attention_mask(position_ids, None)
         keep = position_ids > 0
-        rope = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_base)
+        rope = rope_cos_sin(position_ids, self.config)
         with autocast(x.device, self.autocast_dtype):
             h = self.embed_tokens(x) if self.is_first else x
             for index, layer in self.layers.items():

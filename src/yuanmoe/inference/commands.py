@@ -64,8 +64,11 @@ def register(sub) -> None:
 def load(args):
     """The model and its tokenizer, checked against each other, on args.device in args.dtype."""
     from ..checkpoint import from_pretrained
+    from ..quant import read_quant_config
     from ..tokenizer import load_tokenizer
 
+    if args.quantize and Path(args.checkpoint, "config.json").is_file() and read_quant_config(Path(args.checkpoint)):
+        raise ValueError(f"{args.checkpoint} is already quantized; drop --quantize")
     if args.quantize == "int8" and args.dtype not in (None, "bfloat16"):
         raise ValueError(f"--quantize int8 computes in bfloat16 (int8 weights, bf16 activations), so it cannot "
                          f"run in {args.dtype}; drop --dtype or pass --dtype bfloat16")

@@ -7,6 +7,8 @@ Values come from the unfiltered input. RoPE (fp32) covers the first `rotary_dim`
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,13 +51,48 @@ class LocalizedFilter(nn.Module):
         return self.norm(c2 + x), new_state
 
 
-def rope_cos_sin(position_ids: torch.Tensor, rotary_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos/sin [b, 1, s, rotary_dim] for rotate-half RoPE."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, device=position_ids.device,
-                                            dtype=torch.float32) / rotary_dim))
-    freqs = position_ids.float().unsqueeze(-1) * inv_freq
+def rope_inv_freq(config: YuanConfig) -> tuple[torch.Tensor, float]:
+    """fp32 inverse frequencies [rotary_dim / 2] and the factor q and k are scaled by after rotation.
+
+    Plain RoPE: b^(-2i/D). With YaRN (the official vLLM port's `use_yarn`, spec section 7) the
+    low-frequency dims, those that turn less than once (beta_slow = 1) over the original context L,
+    are divided by the scale factor s, those that turn more than 32 times (beta_fast) are kept, a
+    linear ramp in between; and mscale = (0.1 ln s + 1) * attn_factor."""
+    dim, base = config.rope_dim, config.rope_base
+    inv_freq = base ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    s = config.yarn_scale_factor
+    if s is None:
+        return inv_freq.float(), 1.0
+    original = config.yarn_original_max_position or config.max_position_embeddings
+
+    def corr_dim(rotations: float) -> float:
+        return dim * math.log(original / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr_dim(32)), 0), min(math.ceil(corr_dim(1)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    mask = 1 - ramp
+    mscale = (0.1 * math.log(s) + 1 if s > 1 else 1.0) * config.yarn_attn_factor
+    return (inv_freq / ((1 - mask) * s + mask)).float(), mscale
+
+
+def rope_description(config: YuanConfig) -> str:
+    """One line saying which RoPE a model uses, for the log of a loaded checkpoint."""
+    text = f"base {config.rope_base:g} over the first {config.rope_dim} dims of each head"
+    if config.yarn_scale_factor is None:
+        return text + ", no scaling"
+    original = config.yarn_original_max_position or config.max_position_embeddings
+    return (text + f", YaRN scale {config.yarn_scale_factor:g} from {original} to "
+            f"{config.max_position_embeddings} positions, mscale {rope_inv_freq(config)[1]:.4f}")
+
+
+def rope_cos_sin(position_ids: torch.Tensor, config: YuanConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin [b, 1, s, rotary_dim] for rotate-half RoPE (times YaRN's mscale, if any)."""
+    inv_freq, mscale = rope_inv_freq(config)
+    freqs = position_ids.float().unsqueeze(-1) * inv_freq.to(position_ids.device)
     emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
-    return emb.cos(), emb.sin()
+    if mscale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * mscale, emb.sin() * mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -92,8 +129,9 @@ class LocalizedFilteringAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor,
                 mask: torch.Tensor | None, cache: DecodeCache | None = None) -> torch.Tensor:
-        """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend) or None for
-        plain causal attention over x alone; with a cache the keys are all of its slots."""
+        """x: [b, s, hidden] normed input. mask: bool [b, 1, s, keys] (True = may attend; with a cache
+        the keys are all of its slots), or None for plain causal attention over x alone (with a cache:
+        an empty one, which x fills from slot 0)."""
         b, s, _ = x.shape
         heads = (b, s, self.num_heads, self.head_dim)
         # The state of an empty cache is zeros, unused: a first token has position 0 (keep False).
@@ -105,5 +143,7 @@ class LocalizedFilteringAttention(nn.Module):
         if cache is not None:
             cache.update_lfa(self.layer_idx, new_state)
             k, v = cache.update(self.layer_idx, k, v)
+            if mask is None:
+                k, v = k[:, :, :s], v[:, :, :s]
         out = attend(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))

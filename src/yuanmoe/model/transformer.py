@@ -113,15 +113,17 @@ class YuanForCausalLM(nn.Module):
         if logits_to_keep > 0 and labels is not None:
             raise ValueError("logits_to_keep cannot be combined with labels (the loss needs every position)")
         b, s = input_ids.shape
-        plain = position_ids is None and cache is None  # one document per row: SDPA's causal kernel
+        # One document per row, starting at position 0 (and an empty cache): SDPA's causal kernel,
+        # no [s, keys] mask (at 16K tokens that mask alone is 256 MB per row).
+        one_document = position_ids is None and cache is None
         if position_ids is None:
             start = cache.next_position.unsqueeze(1) if cache is not None else 0
             position_ids = start + torch.arange(s, device=input_ids.device).expand(b, s)
         if cache is None or s > 1:
-            self._check_inputs(input_ids, position_ids, cache)
-        mask = None if plain else attention_mask(position_ids, cache)
+            one_document = self._check_inputs(input_ids, position_ids, cache) or one_document
+        mask = None if one_document else attention_mask(position_ids, cache)
         keep = position_ids > 0
-        rope = rope_cos_sin(position_ids, self.config.rope_dim, self.config.rope_base)
+        rope = rope_cos_sin(position_ids, self.config)
 
         h = self.embed_tokens(input_ids)
         routings = []
@@ -142,21 +144,26 @@ class YuanForCausalLM(nn.Module):
         return CausalLMOutput(logits, loss, aux, routings if output_router else [])
 
     def _check_inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      cache: DecodeCache | None = None) -> None:
+                      cache: DecodeCache | None = None) -> bool:
         """Token ids within the vocabulary, positions within the context, the tokens within the
-        cache: one host synchronisation for all three."""
+        cache: one host synchronisation for all three. Returns whether every row is one document
+        from position 0 into an empty cache (so that plain causal attention is exact)."""
         if input_ids.numel() == 0:
-            return
+            return False
         vocab, context = self.config.vocab_size, self.config.max_position_embeddings
+        s = input_ids.shape[1]
         written = cache.length if cache is not None else input_ids.new_zeros((), dtype=torch.long)
-        low, high, last, used = torch.stack([input_ids.min().long(), input_ids.max().long(),
-                                             position_ids.max().long(), written + input_ids.shape[1]]).tolist()
+        from_zero = (position_ids == torch.arange(s, device=position_ids.device)).all() & (written == 0)
+        low, high, last, used, one_document = torch.stack(
+            [input_ids.min().long(), input_ids.max().long(), position_ids.max().long(), written + s,
+             from_zero.long()]).tolist()
         if low < 0 or high >= vocab:
             raise ValueError(f"token id {low if low < 0 else high} is out of range for a vocabulary of {vocab}")
         if last >= context:
             raise ValueError(f"position {last} is beyond the model's context ({context} positions)")
         if cache is not None and used > cache.max_len:
             raise ValueError(f"sequence of {used} tokens exceeds the cache ({cache.max_len})")
+        return bool(one_document)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> DecodeCache:
         return DecodeCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
