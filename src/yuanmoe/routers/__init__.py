@@ -29,7 +29,9 @@ def build_router(config: YuanConfig) -> Router:
     if config.router not in ROUTER_CLASSES:
         raise ValueError(f"router {config.router!r} is not available; choose one of {', '.join(ROUTER_CLASSES)}")
     options = dict(aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
-                   bias_update_rate=config.bias_update_rate)
+                   bias_update_rate=config.bias_update_rate, fp32=config.router_fp32)
+    if config.router == "attention":
+        options["temperature"] = config.router_temperature
     if config.router == "noisy_topk":
         options["noise_std"] = config.router_noise_std
     if config.router == "expert_choice":

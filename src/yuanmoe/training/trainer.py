@@ -22,6 +22,7 @@ import functools
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from ..config import ConfigError, YuanConfig
 from ..data import TokenDataset, load_meta
-from ..device import resolve_dtype
+from ..device import keep_freed_memory, resolve_dtype
 from ..distributed.checkpoint import Checkpointer
 from ..distributed.mesh import ParallelDims, build_mesh, init_distributed
 from ..distributed.parallel_model import ParallelModel, parallelize
@@ -60,14 +61,17 @@ class TrainResult:
     model: nn.Module | None = None  # the trained model (this rank's share of it under torchrun)
 
 
-def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False) -> TrainResult:
+def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False,
+          observe: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train `model_config` from scratch on cfg.data, start from the weights of cfg.init_from, or
     continue the latest checkpoint in cfg.out (saved at any world size). With a checkpoint
     `model_config` may be None; if given it must match the checkpoint's architecture. Launched by
-    torchrun, every rank calls this with the same arguments."""
+    torchrun, every rank calls this with the same arguments. `observe(step, model)`, if given, is
+    called after each held-out evaluation (the experiments record the routing there)."""
     from ..tokenizer import load_tokenizer
 
     device = init_distributed(cfg.device)
+    keep_freed_memory()
     rank, world = dist.get_rank(), dist.get_world_size()
     leader = rank == 0
     dims = ParallelDims.for_world(world, cfg.dp, cfg.ep, cfg.pp)
@@ -109,7 +113,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                          f"{dims.dp} data-parallel ranks takes an equal share of every micro-batch"
                          + (f", cut into {pm.microbatches} pipeline micro-batches" if dims.pp > 1 else ""))
     pm.autocast_dtype = resolve_dtype(cfg.dtype)
-    optimizer = build_optimizer(pm, cfg.lr, cfg.weight_decay, cfg.betas)
+    optimizer = build_optimizer(pm, cfg.lr, cfg.weight_decay, cfg.betas, cfg.router_lr_scale, cfg.router_weight_decay)
     step = checkpointer.load(latest, pm, optimizer)["step"] if resume else 0
     dataset = TokenDataset(data_dir, cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate,
                            fim_spm_rate=cfg.fim_spm_rate, answer_only=cfg.answer_only)
@@ -163,6 +167,8 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                         if leader:
                             log.write({"step": step, "eval_loss": round(eval_loss, 6)})
                             bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
+                    if observe is not None:
+                        observe(step, pm.module)
                 if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
                     state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
                              "train_config": dataclasses.asdict(cfg)}
@@ -237,7 +243,7 @@ def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int, wa
     continues with exactly the samples an uninterrupted one would have seen, at any world size."""
     lr = learning_rate(step, cfg.lr, warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     first = step * cfg.batch_size * cfg.grad_accum
     batches = [dataset.batch(range(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size))
                for m in range(cfg.grad_accum)]
