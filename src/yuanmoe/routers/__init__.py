@@ -10,7 +10,7 @@ from .expert_choice import ExpertChoiceOutput, ExpertChoiceRouter
 from .linear_router import LinearRouter
 from .noisy_topk import NoisyTopKRouter
 from .shared import shared_expert_config
-from .stats import coselection_matrix, layer_stats, routing_stats
+from .stats import coselection_kl, coselection_matrix, layer_stats, routing_stats
 
 # config.ROUTERS is the one list of router names (the config validates against it without importing
 # this package); each name maps to its class here, in the same order.
@@ -41,6 +41,6 @@ def build_router(config: YuanConfig) -> Router:
 
 
 __all__ = ["AttentionRouter", "ExpertChoiceOutput", "ExpertChoiceRouter", "LinearRouter", "NoisyTopKRouter",
-           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_matrix", "expert_counts",
-           "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config",
+           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_kl", "coselection_matrix",
+           "expert_counts", "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config",
            "update_expert_bias"]
