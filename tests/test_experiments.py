@@ -1,6 +1,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from conftest import CORPUS
@@ -35,6 +36,14 @@ def bilingual_corpus(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="module")
+def prepared_corpus(bilingual_corpus, tmp_path_factory):
+    prepared = tmp_path_factory.mktemp("prepared")
+    prepare_dataset([str(bilingual_corpus)], prepared, train_tokenizer_vocab=300, heldout_fraction=0.1, workers=1,
+                    progress=False)
+    return prepared
+
+
 def test_router_experiment_end_to_end(bilingual_corpus, tmp_path, capsys):
     out = tmp_path / "routers"
     args = ["experiment", "routers", "--out", str(out), "--quick", "--no-code-corpus", "--data",
@@ -67,12 +76,9 @@ def test_router_experiment_end_to_end(bilingual_corpus, tmp_path, capsys):
     assert "attention seed 0" not in capsys.readouterr().err
 
 
-def test_expert_experiment_keeps_active_parameters_fixed(bilingual_corpus, tmp_path):
-    prepared = tmp_path / "prepared"
-    prepare_dataset([str(bilingual_corpus)], prepared, train_tokenizer_vocab=300, heldout_fraction=0.1, workers=1,
-                    progress=False)
+def test_expert_experiment_keeps_active_parameters_fixed(prepared_corpus, tmp_path):
     out = tmp_path / "experts"
-    assert main(["experiment", "experts", "--out", str(out), "--prepared", str(prepared),
+    assert main(["experiment", "experts", "--out", str(out), "--prepared", str(prepared_corpus),
                  "--expert-counts", "4,8", "--seeds", "1", *MINUSCULE]) == 0
     rows = json.loads((out / "results.json").read_text())["variants"]
     assert [row["variant"] for row in rows] == ["4 experts", "8 experts"]
@@ -108,9 +114,9 @@ def test_paired_differences_against_the_baseline():
     assert rows["shared"]["vs_baseline"]["within_noise"]  # +0.1 and -0.2: no consistent sign
 
 
-def test_recipe_flags_reach_the_model_and_the_optimizer(bilingual_corpus, tmp_path, capsys):
+def test_recipe_flags_reach_the_model_and_the_optimizer(prepared_corpus, tmp_path, capsys):
     out = tmp_path / "ablation"
-    assert main(["experiment", "routers", "--out", str(out), "--no-code-corpus", "--data", str(bilingual_corpus),
+    assert main(["experiment", "routers", "--out", str(out), "--prepared", str(prepared_corpus),
                  "--routers", "attention,linear", "--seeds", "1", *MINUSCULE, "--router-init-scale", "0.5",
                  "--router-lr-scale", "4", "--no-router-weight-decay", "--router-temperature", "2",
                  "--no-norm-topk-prob", "--router-autocast", "--aux-loss-coef", "0.01"]) == 0
@@ -125,20 +131,23 @@ def test_recipe_flags_reach_the_model_and_the_optimizer(bilingual_corpus, tmp_pa
     assert "--router-lr-scale must be positive" in capsys.readouterr().err
 
 
-def test_sweep_runs_every_budget_resumes_and_fits_the_gap(bilingual_corpus, tmp_path, capsys):
+def test_sweep_runs_every_budget_resumes_and_fits_the_gap(prepared_corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["experiment", "routers", "--out", str(out), "--no-code-corpus", "--data", str(bilingual_corpus),
-            "--routers", "attention,linear", "--seeds", "2", *without(MINUSCULE, "--steps", "--hidden-size", "--ffn-hidden-size"),
-            "--sweep", "--sweep-tokens", "32,96", "--sweep-widths", "32"]
+    args = ["experiment", "routers", "--out", str(out), "--prepared", str(prepared_corpus),
+            "--routers", "attention,linear", "--seeds", "1", *without(MINUSCULE, "--steps", "--hidden-size", "--ffn-hidden-size"),
+            "--sweep", "--sweep-tokens", "32,64,96", "--sweep-widths", "32"]
     assert main(args) == 0
     summary = json.loads((out / "sweep.json").read_text())
     assert [(p["variant"], p["width"], p["tokens"], p["steps"]) for p in summary["points"]] == [
-        ("attention", 32, 32, 1), ("attention", 32, 96, 3)]
-    point = summary["points"][1]
-    runs = {v: json.loads((out / "width32-tokens96" / "runs" / f"{v}-seed1.json").read_text())
+        ("attention", 32, 32, 1), ("attention", 32, 64, 2), ("attention", 32, 96, 3)]
+    runs = {v: json.loads((out / "width32-tokens96" / "runs" / f"{v}-seed0.json").read_text())
             for v in ("attention", "linear")}
-    assert point["per_seed"][1] == pytest.approx(runs["attention"]["heldout_loss"] - runs["linear"]["heldout_loss"])
-    assert summary["fits"]["attention"]["width 32"]["points"] == 4
+    assert summary["points"][2]["per_seed"] == [pytest.approx(runs["attention"]["heldout_loss"]
+                                                              - runs["linear"]["heldout_loss"])]
+    fit = summary["fits"]["attention"]["width 32"]
+    assert fit["points"] == 3
+    assert fit["slope_per_decade"] == pytest.approx(np.polyfit(np.log10([32, 64, 96]),
+                                                               [p["gap"] for p in summary["points"]], 1)[0])
     assert (out / "gap_vs_tokens.png").read_bytes()[:4] == b"\x89PNG"
     assert "attention - linear, width 32" in (out / "sweep.md").read_text()
     stamp = (out / "width32-tokens96" / "runs" / "attention-seed0.json").stat().st_mtime_ns

@@ -53,7 +53,8 @@ def mean_routing(per_seed: list[dict | None]) -> dict | None:
 
 
 def write_results(out: Path, title: str, runs: list[dict], baseline: str, paper: dict[str, float],
-                  paper_label: str, command: str) -> list[dict]:
+                  paper_label: str, command: str, plots: bool = True) -> list[dict]:
+    """results.json and results.md, and with `plots` the loss curves, heatmaps and routing curves."""
     rows = summarize(runs, baseline)
     budget = runs[0]["budget"]
     atomic_write_text(out / "results.json", json.dumps(
@@ -61,6 +62,8 @@ def write_results(out: Path, title: str, runs: list[dict], baseline: str, paper:
          "variants": rows, "runs": [without_coselection(run) for run in runs]}, indent=2) + "\n")
     atomic_write_text(out / "results.md", results_markdown(title, rows, baseline, paper, paper_label, budget,
                                                            runs[0]["heldout_tokens"], command))
+    if not plots:
+        return rows
     plot_loss_curves(out / "loss_curves.png", runs, budget)
     firsts = {variant: min((run for run in runs if run["variant"] == variant), key=lambda run: run["seed"])
               for variant in dict.fromkeys(run["variant"] for run in runs)}

@@ -2,7 +2,8 @@
 of the training-token budget, at several model widths, with a fitted trend.
 
 Every (width, budget) point is an ordinary router suite in OUT/width{W}-tokens{T} (resumable: a
-rerun reuses its finished runs), all on one prepared corpus. The trend is a least-squares line of
+rerun reuses its finished runs), all on one prepared corpus; its results.md is written, its plots
+are not (the plain suite with that point's settings and --out draws them from the stored runs). The trend is a least-squares line of
 the per-seed paired gaps against log10(tokens); where it points towards zero, it says at what
 budget it would cross if it continued.
 """
@@ -78,19 +79,30 @@ def fit_trend(tokens: list[int], gaps: list[float]) -> dict | None:
 def run_sweep(out: Path, scale: Scale, widths: list[int], budgets: list[int],
               make_variants: Callable[[Scale], dict[str, YuanConfig]], baseline: str, data: Path, command: str,
               device: str, dtype: str, optimizer: dict) -> dict:
-    """Run every point's suite, then write sweep.json, sweep.md and gap_vs_tokens.png in OUT."""
-    points = []
+    """Run every point's suite; after each point (so that an interrupted sweep shows what it has),
+    write sweep.json, sweep.md and gap_vs_tokens.png in OUT. Returns the summary."""
+    points, summary = [], {}
     for width, tokens, point_scale in sweep_scales(scale, widths, budgets):
         variants = make_variants(point_scale)
         check_matched_parameters(variants)
         rows = run_suite(out / f"width{width}-tokens{tokens}", f"Routers at width {width}, {tokens:,} tokens",
                          variants, point_scale, data, baseline, PAPER_TABLE1, "paper (Table 1)", command, device,
-                         dtype, optimizer)
+                         dtype, optimizer, plots=False)
         for row in rows:
             if "vs_baseline" in row:
                 diff = row["vs_baseline"]
                 points.append({"variant": row["variant"], "width": width, "tokens": tokens, "steps": point_scale.steps,
                                "gap": diff["mean"], "stderr": diff["stderr"], "per_seed": diff["per_seed"]})
+        summary = {"command": command, "baseline": baseline, "widths": widths, "points": points,
+                   "fits": fit_all(points, widths)}
+        atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / "sweep.md", sweep_markdown(summary, scale))
+        plot_gaps(out / "gap_vs_tokens.png", summary)
+    return summary
+
+
+def fit_all(points: list[dict], widths: list[int]) -> dict:
+    """Per variant, the trend at each width and, with several widths, over all of them."""
     fits = {}
     for variant in dict.fromkeys(p["variant"] for p in points):
         mine = [p for p in points if p["variant"] == variant]
@@ -99,11 +111,7 @@ def run_sweep(out: Path, scale: Scale, widths: list[int], budgets: list[int],
             groups["all widths"] = mine
         fits[variant] = {name: fit_trend([p["tokens"] for p in group for _ in p["per_seed"]],
                                          [gap for p in group for gap in p["per_seed"]]) for name, group in groups.items()}
-    summary = {"command": command, "baseline": baseline, "widths": widths, "points": points, "fits": fits}
-    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(out / "sweep.md", sweep_markdown(summary, scale))
-    plot_gaps(out / "gap_vs_tokens.png", summary)
-    return summary
+    return fits
 
 
 def sweep_markdown(summary: dict, scale: Scale) -> str:
