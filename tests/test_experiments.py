@@ -134,7 +134,8 @@ def test_recipe_flags_reach_the_model_and_the_optimizer(prepared_corpus, tmp_pat
 def test_sweep_runs_every_budget_resumes_and_fits_the_gap(prepared_corpus, tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["experiment", "routers", "--out", str(out), "--prepared", str(prepared_corpus),
-            "--routers", "attention,linear", "--seeds", "1", *without(MINUSCULE, "--steps", "--hidden-size", "--ffn-hidden-size"),
+            "--routers", "attention,linear", "--seeds", "1",
+            *without(MINUSCULE, "--steps", "--hidden-size", "--ffn-hidden-size"),
             "--sweep", "--sweep-tokens", "32,64,96", "--sweep-widths", "32"]
     assert main(args) == 0
     summary = json.loads((out / "sweep.json").read_text())

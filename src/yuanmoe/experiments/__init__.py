@@ -43,7 +43,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     recipe = p.add_argument_group("router recipe, for ablations (the defaults are the official recipe)")
     recipe.add_argument("--router-init-scale", type=float,
                         help="router weights start with std initializer_range x this (default 1)")
-    recipe.add_argument("--router-lr-scale", type=float, help="learning-rate multiplier of the router weights (default 1)")
+    recipe.add_argument("--router-lr-scale", type=float,
+                        help="learning-rate multiplier of the router weights (default 1)")
     recipe.add_argument("--no-router-weight-decay", action="store_true", help="no weight decay on the router weights")
     recipe.add_argument("--router-temperature", type=float,
                         help="attention router: softmax(q k^T / temperature) (default 1: none, as official)")

@@ -87,7 +87,8 @@ def train_variant(name: str, config: YuanConfig, data: Path, budget: Budget, see
     curve = []
 
     def observe(step: int, model) -> None:
-        curve.append({"step": step, **routing_picture(model, dataset, windows, budget.batch_size, resolve_dtype(dtype))})
+        picture = routing_picture(model, dataset, windows, budget.batch_size, resolve_dtype(dtype))
+        curve.append({"step": step, **picture})
 
     result = train(config, cfg, observe=observe if config.is_moe else None)
     if result.interrupted:

@@ -3,9 +3,9 @@ of the training-token budget, at several model widths, with a fitted trend.
 
 Every (width, budget) point is an ordinary router suite in OUT/width{W}-tokens{T} (resumable: a
 rerun reuses its finished runs), all on one prepared corpus; its results.md is written, its plots
-are not (the plain suite with that point's settings and --out draws them from the stored runs). The trend is a least-squares line of
-the per-seed paired gaps against log10(tokens); where it points towards zero, it says at what
-budget it would cross if it continued.
+are not (the plain suite with that point's settings and --out draws them from the stored runs).
+The trend is a least-squares line of the per-seed paired gaps against log10(tokens); where it
+points towards zero, it says at what budget it would cross if it continued.
 """
 
 from __future__ import annotations
@@ -110,7 +110,8 @@ def fit_all(points: list[dict], widths: list[int]) -> dict:
         if len(widths) > 1:
             groups["all widths"] = mine
         fits[variant] = {name: fit_trend([p["tokens"] for p in group for _ in p["per_seed"]],
-                                         [gap for p in group for gap in p["per_seed"]]) for name, group in groups.items()}
+                                         [gap for p in group for gap in p["per_seed"]])
+                         for name, group in groups.items()}
     return fits
 
 

@@ -42,5 +42,5 @@ def build_router(config: YuanConfig) -> Router:
 
 __all__ = ["AttentionRouter", "ExpertChoiceOutput", "ExpertChoiceRouter", "LinearRouter", "NoisyTopKRouter",
            "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_kl", "coselection_matrix",
-           "expert_counts", "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config",
-           "update_expert_bias"]
+           "expert_counts", "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats",
+           "shared_expert_config", "update_expert_bias"]
