@@ -5,6 +5,11 @@ Compares, in one process on the same inputs:
   loop     - the official computation: a Python loop over experts (HF modeling file style)
   dense    - a dense SwiGLU FFN with the same active parameters (width top_k x ffn)
 and prints the time ratios. Usage: python benchmarks/moe_layer.py [--tokens 4096] [--dtype bf16] [--device cuda]
+
+With --expert-counts 8,16,32,64 it instead times the layer as training runs it (fp32 weights, autocast
+to --dtype, gradients from None) at each expert count, same active parameters, and prints each time
+over the first count's: once with glibc's default allocator, then after `keep_freed_memory()`.
+    python benchmarks/moe_layer.py --expert-counts 8,16,32,64 --ffn 1024 --dtype bf16 --threads 1
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from yuanmoe import preset
-from yuanmoe.device import add_device_options, resolve_device, resolve_dtype
+from yuanmoe.config import ROUTERS
+from yuanmoe.device import add_device_options, autocast, keep_freed_memory, resolve_device, resolve_dtype
 from yuanmoe.model.moe import MoE, FeedForward
 
 
@@ -65,6 +71,41 @@ def bench(fns: dict, x, grad, repeats: int, params) -> dict:
     return best
 
 
+def expert_scaling(args, device: torch.device, dtype: torch.dtype) -> None:
+    counts = [int(c) for c in args.expert_counts.split(",")]
+    layers = {}
+    for count in counts:
+        torch.manual_seed(0)
+        cfg = preset("yuan2-m32", hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=count,
+                     top_k=args.top_k, num_layers=1, router=args.router)
+        layers[count] = MoE(cfg).to(device)
+        for p in layers[count].parameters():
+            torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(args.tokens, args.hidden, device=device, requires_grad=True)
+    grad = torch.randn(args.tokens, args.hidden, device=device)
+
+    def in_autocast(layer):
+        def run(t):
+            with autocast(device, dtype):
+                return layer(t)
+        return run
+
+    print(f"MoE layer fwd+bwd as in training: {args.tokens} tokens, hidden {args.hidden}, expert FFN {args.ffn}, "
+          f"top-{args.top_k}, {args.router} router, fp32 weights in {args.dtype} autocast, {device}"
+          + ("" if device.type == "cuda" else f", {torch.get_num_threads()} threads"))
+    phases = [("glibc default allocator", None)] if device.type == "cpu" else []
+    phases.append(("keep_freed_memory()" if device.type == "cpu" else "", keep_freed_memory))
+    for label, setup in phases:
+        if setup is not None:
+            setup()
+        times = bench({count: in_autocast(layer) for count, layer in layers.items()}, x, grad, args.repeats,
+                      [p for layer in layers.values() for p in layer.parameters()])
+        ratios = "  ".join(f"{count}: {times[count] * 1e3:.0f} ms = {times[count] / times[counts[0]]:.2f}x"
+                           for count in counts)
+        print(f"  {label:<24} {ratios}")
+    print(f"{counts[-1]} / {counts[0]} experts: target <= 2x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=4096)
@@ -75,6 +116,9 @@ def main() -> None:
     add_device_options(ap, "weights and activations (default float32)", "float32")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--expert-counts", help="time the layer at these expert counts instead, e.g. 8,16,32,64")
+    ap.add_argument("--router", default="attention", choices=ROUTERS,
+                    help="router of the --expert-counts layers (default attention)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,6 +126,9 @@ def main() -> None:
         device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     except ValueError as exc:
         ap.error(str(exc))
+    if args.expert_counts:
+        expert_scaling(args, device, dtype)
+        return
     torch.manual_seed(0)
     cfg = preset("yuan2-m32", hidden_size=args.hidden, ffn_hidden_size=args.ffn, num_experts=args.experts,
                  top_k=args.top_k, num_layers=1)

@@ -193,6 +193,18 @@ MUTATIONS = [
              "        qweight, sz = _to(plain.pop(name), dtype, device).clone(), _to(", ("tests/test_quantize.py",)),
     Mutation("maskless prefill also into a cache that is not empty", "src/yuanmoe/model/transformer.py",
              ".all() & (written == 0)", ".all()", ("tests/test_long_context.py",)),
+    Mutation("router learning-rate multiplier ignored", "src/yuanmoe/training/trainer.py",
+             'group["lr"] = lr * group.get("lr_scale", 1.0)', 'group["lr"] = lr', ("tests/test_training.py",)),
+    Mutation("router init scale ignored", "src/yuanmoe/model/transformer.py",
+             "std * self.config.router_init_scale", "std", ("tests/test_routers.py",)),
+    Mutation("attention router temperature ignored", "src/yuanmoe/routers/attention_router.py",
+             "q = q / self.temperature", "q = q", ("tests/test_routers.py",)),
+    Mutation("router scores always in fp32", "src/yuanmoe/routers/base.py",
+             " if self.fp32 else contextlib.nullcontext()", "", ("tests/test_routers.py",)),
+    Mutation("sweep ignores the token budget", "src/yuanmoe/experiments/sweep.py",
+             "steps = max(1, round(tokens / tokens_per_step))", "steps = 3", ("tests/test_experiments.py",)),
+    Mutation("routing not recorded during training", "src/yuanmoe/experiments/runner.py",
+             "observe=observe if config.is_moe else None", "observe=None", ("tests/test_experiments.py",)),
 ]
 
 

@@ -5,8 +5,8 @@ import torch
 
 from yuanmoe import ConfigError, YuanForCausalLM, preset
 from yuanmoe.model.moe import MoE
-from yuanmoe.routers import (RouterOutput, build_router, coselection_matrix, load_balancing_loss, router_z_loss,
-                             routing_stats, shared_expert_config, update_expert_bias)
+from yuanmoe.routers import (RouterOutput, build_router, coselection_kl, coselection_matrix, load_balancing_loss,
+                             router_z_loss, routing_stats, shared_expert_config, update_expert_bias)
 
 TOKEN_CHOICE = ("attention", "linear", "noisy_topk")
 
@@ -223,3 +223,55 @@ def test_config_names_every_router_and_rejects_a_bias_for_expert_choice():
         assert type(build_router(preset("tiny", router=router))).__name__.lower().startswith(router.replace("_", ""))
     with pytest.raises(ConfigError, match="bias_update_rate"):
         preset("tiny", router="expert_choice", bias_update_rate=0.01)
+
+
+def test_router_init_scale_scales_only_the_router_weights():
+    torch.manual_seed(3)
+    base = YuanForCausalLM(preset("tiny"))
+    torch.manual_seed(3)
+    scaled = YuanForCausalLM(preset("tiny", router_init_scale=10.0))
+    for (name, p), q in zip(base.named_parameters(), scaled.parameters()):
+        factor = 10.0 if ".router." in name else 1.0
+        torch.testing.assert_close(q, p * factor, msg=name)
+    assert any(".router." in name for name, _ in base.named_parameters())
+
+
+def test_attention_router_temperature_divides_q_k():
+    router = build_router(preset("tiny", router="attention", router_temperature=4.0))
+    x = torch.randn(5, 64)
+    q, k, v = x @ router.query.weight.T, x @ router.key.weight.T, x @ router.value.weight.T
+    for temperature in (4.0, 1.0):
+        router.temperature = temperature
+        attn = torch.softmax(q[:, :, None] * k[:, None, :] / temperature, dim=-1)
+        torch.testing.assert_close(router.scores(x), (attn * v[:, None, :]).sum(-1))
+    router.temperature = 4.0
+    assert not torch.allclose(router.scores(x), (torch.softmax(q[:, :, None] * k[:, None, :], -1) * v[:, None]).sum(-1))
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_router_scores_in_fp32_or_in_the_autocast_dtype(fp32):
+    router = build_router(preset("tiny", router="linear", router_fp32=fp32))
+    with torch.no_grad():
+        router.gate.weight.normal_(0, 0.3)
+    x = torch.randn(32, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router(x).logits
+    full = x @ router.gate.weight.T
+    low = (x.bfloat16() @ router.gate.weight.bfloat16().T).float()
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, full if fp32 else low, rtol=0, atol=0 if not fp32 else 1e-6)
+    assert not torch.equal(full, low)
+
+
+def test_coselection_kl_is_zero_for_random_pairs_and_log3_for_fixed_pairs():
+    def counts(pairs):  # pairs of experts, one per token
+        mask = torch.zeros(len(pairs), 4)
+        for t, (i, j) in enumerate(pairs):
+            mask[t, i] = mask[t, j] = 1
+        return (mask.T @ mask).long()
+
+    every_pair = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    assert coselection_kl(counts(every_pair)) == pytest.approx(0.0, abs=1e-12)
+    # Equal loads, but only the pairs (0, 1) and (2, 3): half of each of 2 of the 6 equally likely pairs.
+    assert coselection_kl(counts([(0, 1), (2, 3)] * 5)) == pytest.approx(math.log(3))
+    assert coselection_kl(torch.zeros(4, 4, dtype=torch.long)) == 0.0

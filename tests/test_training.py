@@ -232,3 +232,35 @@ def test_train_options_are_generated_from_the_config_defaults():
         ("float32", False, True, "ckpt", 60.0)
     with pytest.raises(ValueError, match="float16 training needs loss scaling"):
         TrainConfig(data="d", out="o", dtype="fp16")
+
+
+def test_router_lr_scale_and_weight_decay_act_on_the_router_weights_only():
+    from types import SimpleNamespace
+
+    from yuanmoe import YuanForCausalLM
+    from yuanmoe.training.trainer import begin_step
+
+    cfg = TrainConfig(data="d", out="o", lr=1e-2, max_steps=10, warmup_steps=0)
+    moved = {}
+    for scale in (1.0, 3.0):
+        torch.manual_seed(0)
+        model = YuanForCausalLM(preset("tiny"))
+        optimizer = build_optimizer(model, cfg.lr, 0.1, (0.9, 0.95), router_lr_scale=scale, router_weight_decay=False)
+        groups = {round(g["weight_decay"], 3): g for g in optimizer.param_groups}
+        router = [g for g in optimizer.param_groups if "lr_scale" in g]
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert len(router) == 1 and router[0]["weight_decay"] == 0.0 and groups[0.1]["weight_decay"] == 0.1
+        assert {names[id(p)] for p in router[0]["params"]} == {n for n in names.values() if ".router." in n}
+        begin_step(optimizer, SimpleNamespace(batch=lambda indices: None), cfg, 0, 0)
+        assert router[0]["lr"] == pytest.approx(scale * cfg.lr) and groups[0.1]["lr"] == pytest.approx(cfg.lr)
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        moved[scale] = {names[id(p)]: float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before)}
+    for name, distance in moved[1.0].items():
+        # Adam's first step moves each weight by its rate; the routers' weights do not decay.
+        expected = 3.0 if ".router." in name else 1.0
+        assert moved[3.0][name] == pytest.approx(expected * distance, rel=1e-4), name
+    router_name = next(n for n in moved[1.0] if ".router." in n)
+    assert moved[1.0][router_name] == pytest.approx(cfg.lr, rel=1e-4)

@@ -49,6 +49,10 @@ class YuanConfig:
     bias_update_rate: float = 0.0
     router_noise_std: float = 1.0
     capacity_factor: float = 1.0
+    # Router recipe knobs for ablations; the defaults are the official model's.
+    router_init_scale: float = 1.0  # router weights start with std initializer_range * this
+    router_temperature: float = 1.0  # attention router: softmax(q k^T / temperature)
+    router_fp32: bool = True  # routing scores in fp32 even under autocast (False: autocast's dtype)
     tie_word_embeddings: bool = True
     eod_token_id: int = 77185
     sep_token_id: int = 77187
@@ -104,6 +108,8 @@ class YuanConfig:
             need(0 <= self.num_shared_experts, f"num_shared_experts must be >= 0, got {self.num_shared_experts}")
             need(self.capacity_factor > 0, f"capacity_factor must be positive, got {self.capacity_factor}")
             need(self.router_noise_std >= 0, f"router_noise_std must be >= 0, got {self.router_noise_std}")
+            for name in ("router_init_scale", "router_temperature"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
             need(not (self.router == "expert_choice" and self.bias_update_rate > 0),
                  "expert_choice balances loads by construction; set bias_update_rate to 0")
         for name in ("eod_token_id", "sep_token_id", "pad_token_id"):

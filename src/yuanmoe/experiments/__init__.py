@@ -12,6 +12,10 @@ from ..device import add_device_options
 from .corpus import prepare_corpus
 from .suites import (DEFAULT, PAPER_TABLE1, PAPER_TABLE2, QUICK, ROUTER_VARIANTS, Scale, base_config,
                      check_matched_parameters, expert_variants, router_variants, run_suite)
+from .sweep import run_sweep, token_count
+
+SWEEP_TOKENS = [2 ** 19, 2 ** 20, 2 ** 21, 2 ** 22, 2 ** 23]  # 0.5M to 8M: 16x
+SWEEP_WIDTHS = [64, 128]
 
 
 def comma_list(kind):
@@ -36,6 +40,20 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--" + field.name.replace("_", "-"), type=float if field.type == "float" else int,
                        help=f"override the scale (quick {getattr(QUICK, field.name)}, "
                             f"default {getattr(DEFAULT, field.name)})")
+    recipe = p.add_argument_group("router recipe, for ablations (the defaults are the official recipe)")
+    recipe.add_argument("--router-init-scale", type=float,
+                        help="router weights start with std initializer_range x this (default 1)")
+    recipe.add_argument("--router-lr-scale", type=float,
+                        help="learning-rate multiplier of the router weights (default 1)")
+    recipe.add_argument("--no-router-weight-decay", action="store_true", help="no weight decay on the router weights")
+    recipe.add_argument("--router-temperature", type=float,
+                        help="attention router: softmax(q k^T / temperature) (default 1: none, as official)")
+    recipe.add_argument("--no-norm-topk-prob", action="store_true",
+                        help="combine the experts with their top-k probabilities as they are, not renormalised")
+    recipe.add_argument("--router-autocast", action="store_true",
+                        help="compute the router scores in the autocast dtype instead of fp32")
+    recipe.add_argument("--aux-loss-coef", type=float,
+                        help="Switch load-balancing loss coefficient (default 0: balancing off, as official)")
 
 
 def scale_from_args(args) -> Scale:
@@ -45,6 +63,26 @@ def scale_from_args(args) -> Scale:
         if value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
     return dataclasses.replace(scale, **overrides)
+
+
+def recipe_from_args(args) -> tuple[dict, dict]:
+    """The router recipe flags as (YuanConfig changes, Budget's router optimizer settings)."""
+    for name in ("router_init_scale", "router_lr_scale", "router_temperature"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.aux_loss_coef is not None and args.aux_loss_coef < 0:
+        raise ValueError(f"--aux-loss-coef must not be negative, got {args.aux_loss_coef}")
+    config = {name: getattr(args, name) for name in ("router_init_scale", "router_temperature", "aux_loss_coef")
+              if getattr(args, name) is not None}
+    if args.no_norm_topk_prob:
+        config["norm_topk_prob"] = False
+    if args.router_autocast:
+        config["router_fp32"] = False
+    optimizer = {"router_lr_scale": args.router_lr_scale} if args.router_lr_scale is not None else {}
+    if args.no_router_weight_decay:
+        optimizer["router_weight_decay"] = False
+    return config, optimizer
 
 
 def prepare(args, scale: Scale) -> tuple[Path, dict]:
@@ -71,12 +109,30 @@ def command_line(args) -> str:
 
 def run_routers(args) -> int:
     scale = scale_from_args(args)
+    changes, optimizer = recipe_from_args(args)
+    if args.sweep and (args.steps is not None or args.hidden_size is not None):
+        raise ValueError("--sweep sets the steps and the width itself; give them with --sweep-tokens and "
+                         "--sweep-widths instead of --steps and --hidden-size")
+    if not args.sweep and (args.sweep_tokens or args.sweep_widths):
+        raise ValueError("--sweep-tokens and --sweep-widths apply only with --sweep")
     data, meta = prepare(args, scale)
-    variants = router_variants(base_config(scale, meta), args.routers)
+
+    def make_variants(point: Scale) -> dict:
+        return router_variants(base_config(point, meta).replace(**changes), args.routers)
+
+    variants = make_variants(scale)
     check_matched_parameters(variants)
     baseline = "linear" if "linear" in variants else next(iter(variants))
+    if args.sweep:
+        summary = run_sweep(args.out, scale, args.sweep_widths or SWEEP_WIDTHS, args.sweep_tokens or SWEEP_TOKENS,
+                            make_variants, baseline, data, command_line(args), args.device, args.dtype, optimizer)
+        for variant, fits in summary["fits"].items():
+            for group, fit in fits.items():
+                print(f"{variant} - {baseline}, {group}: {'too few points' if fit is None else fit['verdict']}")
+        print(f"wrote {args.out / 'sweep.md'} and {args.out / 'gap_vs_tokens.png'}")
+        return 0
     rows = run_suite(args.out, "Routers at equal parameters (paper Table 1, small scale)", variants, scale, data,
-                     baseline, PAPER_TABLE1, "paper (Table 1)", command_line(args), args.device, args.dtype)
+                     baseline, PAPER_TABLE1, "paper (Table 1)", command_line(args), args.device, args.dtype, optimizer)
     print_summary(args.out, rows)
     return 0
 
@@ -85,12 +141,13 @@ def run_experts(args) -> int:
     if args.num_experts is not None:
         raise ValueError("--num-experts does not apply to `yuan experiment experts`; use --expert-counts")
     scale = scale_from_args(args)
+    changes, optimizer = recipe_from_args(args)
     data, meta = prepare(args, scale)
-    base = base_config(scale, meta).replace(router=args.router)
+    base = base_config(scale, meta).replace(router=args.router, **changes)
     variants = expert_variants(base, args.expert_counts)
     rows = run_suite(args.out, "Expert count at equal active parameters (paper Table 2, small scale)", variants,
                      scale, data, next(iter(variants)), PAPER_TABLE2, "paper (Table 2)", command_line(args),
-                     args.device, args.dtype)
+                     args.device, args.dtype, optimizer)
     print_summary(args.out, rows)
     return 0
 
@@ -111,6 +168,13 @@ def register(sub) -> None:
     routers.add_argument("--routers", type=comma_list(str), default=["attention", "linear", "shared"],
                          help=f"variants to compare, from {', '.join(ROUTER_VARIANTS)} "
                               f"(default attention,linear,shared)")
+    routers.add_argument("--sweep", action="store_true",
+                         help="run the suite at every --sweep-tokens budget and --sweep-widths width; writes sweep.md, "
+                              "sweep.json and gap_vs_tokens.png with the fitted trend of the gaps")
+    routers.add_argument("--sweep-tokens", type=comma_list(token_count),
+                         help="training-token budgets of --sweep, e.g. 500k,1M,2M,4M,8M (default: 2^19 to 2^23)")
+    routers.add_argument("--sweep-widths", type=comma_list(int),
+                         help="model widths (hidden size; the expert FFN scales with it) of --sweep (default 64,128)")
     routers.set_defaults(func=run_routers)
 
     experts = suites.add_parser("experts", help="8 vs 16 vs 32 experts at equal active parameters")

@@ -83,11 +83,12 @@ def check_matched_parameters(variants: dict[str, YuanConfig]) -> None:
 
 def run_suite(out: Path, title: str, variants: dict[str, YuanConfig], scale: Scale, data: Path, baseline: str,
               paper: dict[str, float], paper_label: str, command: str, device: str = "auto",
-              dtype: str = "bfloat16") -> list[dict]:
+              dtype: str = "bfloat16", optimizer: dict | None = None, plots: bool = True) -> list[dict]:
     """Train every variant with every seed (reusing runs already in OUT/runs with the same settings)
-    and write the report; returns its rows."""
+    and write the report (with its plots if `plots`); returns its rows. `optimizer` holds Budget's
+    router optimizer settings."""
     budget = Budget(steps=scale.steps, batch_size=scale.batch_size, seq_len=scale.seq_len, lr=scale.lr,
-                    eval_windows=scale.eval_windows)
+                    eval_windows=scale.eval_windows, **(optimizer or {}))
     runs = []
     for seed in range(scale.seeds):
         open_dataset(data, scale.seq_len, seed)  # one clear sentence when the held-out part is too short
@@ -104,4 +105,4 @@ def run_suite(out: Path, title: str, variants: dict[str, YuanConfig], scale: Sca
             atomic_write_text(path, json.dumps(run) + "\n")
             runs.append(run)
     runs.sort(key=lambda run: (list(variants).index(run["variant"]), run["seed"]))
-    return write_results(out, title, runs, baseline, paper, paper_label, command)
+    return write_results(out, title, runs, baseline, paper, paper_label, command, plots)

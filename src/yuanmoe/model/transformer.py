@@ -87,6 +87,8 @@ class YuanForCausalLM(nn.Module):
                 nn.init.zeros_(p)
             elif name.endswith(("o_proj.weight", "w2.weight", "experts.w2")):
                 nn.init.normal_(p, 0.0, out_std)
+            elif ".router." in name:
+                nn.init.normal_(p, 0.0, std * self.config.router_init_scale)
             else:
                 nn.init.normal_(p, 0.0, std)
 

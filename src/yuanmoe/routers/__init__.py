@@ -10,7 +10,7 @@ from .expert_choice import ExpertChoiceOutput, ExpertChoiceRouter
 from .linear_router import LinearRouter
 from .noisy_topk import NoisyTopKRouter
 from .shared import shared_expert_config
-from .stats import coselection_matrix, layer_stats, routing_stats
+from .stats import coselection_kl, coselection_matrix, layer_stats, routing_stats
 
 # config.ROUTERS is the one list of router names (the config validates against it without importing
 # this package); each name maps to its class here, in the same order.
@@ -29,7 +29,9 @@ def build_router(config: YuanConfig) -> Router:
     if config.router not in ROUTER_CLASSES:
         raise ValueError(f"router {config.router!r} is not available; choose one of {', '.join(ROUTER_CLASSES)}")
     options = dict(aux_loss_coef=config.aux_loss_coef, z_loss_coef=config.z_loss_coef,
-                   bias_update_rate=config.bias_update_rate)
+                   bias_update_rate=config.bias_update_rate, fp32=config.router_fp32)
+    if config.router == "attention":
+        options["temperature"] = config.router_temperature
     if config.router == "noisy_topk":
         options["noise_std"] = config.router_noise_std
     if config.router == "expert_choice":
@@ -39,6 +41,6 @@ def build_router(config: YuanConfig) -> Router:
 
 
 __all__ = ["AttentionRouter", "ExpertChoiceOutput", "ExpertChoiceRouter", "LinearRouter", "NoisyTopKRouter",
-           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_matrix", "expert_counts",
-           "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats", "shared_expert_config",
-           "update_expert_bias"]
+           "ROUTER_CLASSES", "Router", "RouterOutput", "build_router", "coselection_kl", "coselection_matrix",
+           "expert_counts", "layer_stats", "load_balancing_loss", "router_z_loss", "routing_stats",
+           "shared_expert_config", "update_expert_bias"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ class Router(nn.Module):
 
     Subclasses define `scores(x) -> [T, E]` (fp32 logits); this class turns them into a softmax
     distribution, takes the top-k experts and renormalises their weights when `norm_topk_prob`.
+    The scores are computed in fp32 even inside a low-precision autocast region; `fp32=False`
+    (an ablation) computes them in the region's dtype instead. Softmax and choice stay fp32.
 
     Balancing, each off at 0:
       aux_loss_coef     Switch load-balancing loss (Fedus 2021) added to `aux_loss`;
@@ -48,8 +51,10 @@ class Router(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, norm_topk_prob: bool = True, *,
-                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, bias_update_rate: float = 0.0):
+                 aux_loss_coef: float = 0.0, z_loss_coef: float = 0.0, bias_update_rate: float = 0.0,
+                 fp32: bool = True):
         super().__init__()
+        self.fp32 = fp32
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -69,11 +74,11 @@ class Router(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
-        # Routing decisions are made in fp32 even inside a bf16 autocast region.
+        # Not fp32: the scores' matmuls run in the surrounding autocast region's dtype, if any.
+        with torch.autocast(x.device.type, enabled=False) if self.fp32 else contextlib.nullcontext():
+            logits = self.scores(x.float()).float()
         with torch.autocast(x.device.type, enabled=False):
-            logits = self.scores(x.float())
-            probs = torch.softmax(logits, dim=-1)
-            return self.route(logits, probs)
+            return self.route(logits, torch.softmax(logits, dim=-1))
 
     def route(self, logits: torch.Tensor, probs: torch.Tensor) -> RouterOutput:
         """Token choice: each token takes its top-k experts."""

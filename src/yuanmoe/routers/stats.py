@@ -8,7 +8,8 @@ for layer i, `layer{i}/...`, and the mean over layers, `mean/...`:
   entropy            mean per-token entropy of the routing distribution, in nats
                      (log E = undecided, 0 = one expert takes all the mass)
   dropped_fraction   share of tokens no expert served (only expert choice drops)
-`coselection_matrix(output)` counts, for every pair of experts, the tokens both serve.
+`coselection_matrix(output)` counts, for every pair of experts, the tokens both serve, and
+`coselection_kl(matrix)` says how far those pairs are from what the loads alone would give.
 """
 
 from __future__ import annotations
@@ -58,3 +59,20 @@ def routing_stats(router_outputs: list[RouterOutput]) -> dict:
     if per_layer:
         stats.update({f"mean/{key}": sum(layer[key] for layer in per_layer) / len(per_layer) for key in SCALARS})
     return stats
+
+
+def coselection_kl(matrix: torch.Tensor) -> float:
+    """How structured the co-selection is, in nats: the KL divergence of the observed distribution
+    of expert pairs (off-diagonal entries i < j of a co-selection matrix) from the pairs that
+    independent choices with the same loads would give (each pair in proportion to load_i * load_j).
+    0: experts pair up at random; larger: particular experts are chosen together. 0 when no token
+    was served by two experts."""
+    counts = matrix.double()
+    upper = torch.triu(torch.ones_like(counts, dtype=torch.bool), diagonal=1)
+    load = counts.diagonal()
+    observed, independent = counts[upper], torch.outer(load, load)[upper]
+    if observed.sum() == 0 or independent.sum() == 0:
+        return 0.0
+    p, q = observed / observed.sum(), independent / independent.sum()
+    seen = p > 0
+    return float((p[seen] * torch.log(p[seen] / q[seen])).sum())

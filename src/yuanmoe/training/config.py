@@ -27,6 +27,8 @@ class TrainConfig:
     min_lr_ratio: float = setting(0.1, "cosine floor as a fraction of the peak")
     warmup_steps: int = setting(100, "linear warm-up steps (clamped to a tenth of the run if longer than it)")
     weight_decay: float = setting(0.1, "AdamW weight decay of the matrices")
+    router_lr_scale: float = setting(1.0, "learning-rate multiplier of the MoE routers' weights")
+    router_weight_decay: bool = setting(True, "apply the weight decay to the MoE routers' weights too")
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", cli=False)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N", type=device_argument)
@@ -72,6 +74,8 @@ class TrainConfig:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.fim_rate <= 1:
             raise ValueError(f"the FIM rate must be between 0 and 1, got {self.fim_rate}")
+        if not self.router_lr_scale > 0:
+            raise ValueError(f"router-lr-scale must be positive, got {self.router_lr_scale}")
         if not self.grad_clip > 0:
             raise ValueError(f"grad-clip must be positive, got {self.grad_clip}")
         if self.lora_rank is not None:

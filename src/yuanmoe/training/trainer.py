@@ -23,6 +23,7 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from ..checkpoint import empty_model, from_pretrained
 from ..config import ConfigError, YuanConfig
 from ..data import TokenDataset, load_meta
-from ..device import resolve_dtype
+from ..device import keep_freed_memory, resolve_dtype
 from ..distributed.checkpoint import Checkpointer
 from ..distributed.mesh import ParallelDims, build_mesh, init_distributed
 from ..distributed.parallel_model import ParallelModel, parallelize
@@ -66,14 +67,17 @@ class TrainResult:
 
 
 def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = False,
-          resume_from: int | None = None) -> TrainResult:
+          resume_from: int | None = None, observe: Callable[[int, nn.Module], None] | None = None) -> TrainResult:
     """Train `model_config` from scratch on cfg.data, start from the weights of cfg.init_from, or
     continue the newest intact checkpoint in cfg.out (saved at any world size), or that of step
     `resume_from`. With a checkpoint `model_config` may be None; if given it must match the
-    checkpoint's architecture. Launched by torchrun, every rank calls this with the same arguments."""
+    checkpoint's architecture. Launched by torchrun, every rank calls this with the same arguments.
+    `observe(step, model)`, if given, is called after each held-out evaluation (the experiments
+    record the routing there)."""
     from ..tokenizer import load_tokenizer
 
     device = init_distributed(cfg.device)
+    keep_freed_memory()
     rank, world = dist.get_rank(), dist.get_world_size()
     leader = rank == 0
     dims = ParallelDims.for_world(world, cfg.dp, cfg.ep, cfg.pp)
@@ -156,7 +160,7 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                          f"{dims.dp} data-parallel ranks takes an equal share of every micro-batch"
                          + (f", cut into {pm.microbatches} pipeline micro-batches" if dims.pp > 1 else ""))
     pm.autocast_dtype = resolve_dtype(cfg.dtype)
-    optimizer = build_optimizer(pm, cfg.lr, cfg.weight_decay, cfg.betas)
+    optimizer = build_optimizer(pm, cfg.lr, cfg.weight_decay, cfg.betas, cfg.router_lr_scale, cfg.router_weight_decay)
     step = checkpointer.load(latest, pm, optimizer)["step"] if resume else 0
     dataset = TokenDataset(data_dir, cfg.seq_len, seed=cfg.seed, fim_rate=cfg.fim_rate,
                            fim_spm_rate=cfg.fim_spm_rate, answer_only=cfg.answer_only)
@@ -210,6 +214,8 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                         if leader:
                             log.write({"step": step, "eval_loss": round(eval_loss, 6)})
                             bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
+                    if observe is not None:
+                        observe(step, pm.module)
                 if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
                     state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
                              "train_config": dataclasses.asdict(cfg), "tokenizer_fingerprint": fingerprint}
@@ -286,7 +292,7 @@ def begin_step(optimizer, dataset: TokenDataset, cfg: TrainConfig, step: int, wa
     continues with exactly the samples an uninterrupted one would have seen, at any world size."""
     lr = learning_rate(step, cfg.lr, warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     first = step * cfg.batch_size * cfg.grad_accum
     batches = [dataset.batch(range(first + m * cfg.batch_size, first + (m + 1) * cfg.batch_size))
                for m in range(cfg.grad_accum)]
