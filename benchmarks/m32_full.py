@@ -119,9 +119,15 @@ def child(folder: str, threads: int, new_tokens: int, warm: bool) -> None:
     after_load = rss_kib("VmRSS")
     times = {"cold": [], "warm": []} if warm else {"cold": []}
     touch_s = None
+    # Greedy decoding of random weights repeats one token, whose hidden state picks the same two
+    # experts in every layer at every step; feeding random tokens spreads the choices over the
+    # experts as a real model's text does (same cost per step), and the chosen experts are counted.
+    tokens = torch.randint(0, model.config.vocab_size, (1, 8 + 2 * new_tokens), generator=torch.Generator().manual_seed(0))
+    used: set[tuple[int, int]] = set()
     with torch.inference_mode():
         cache = model.new_cache(1, 8 + 2 * new_tokens)
-        logits = model(torch.randint(0, model.config.vocab_size, (1, 8)), cache=cache, logits_to_keep=1).logits
+        model(tokens[:, :8], cache=cache, logits_to_keep=1)
+        step = 8
         for phase in times:
             if phase == "warm":  # every page of the weights brought in: decoding from memory, not from disk
                 start = time.perf_counter()
@@ -130,11 +136,15 @@ def child(folder: str, threads: int, new_tokens: int, warm: bool) -> None:
                 touch_s = time.perf_counter() - start
             for _ in range(new_tokens):
                 start = time.perf_counter()
-                logits = model(logits[:, -1:].argmax(-1), cache=cache, logits_to_keep=1).logits
+                out = model(tokens[:, step:step + 1], cache=cache, logits_to_keep=1, output_router=True)
+                out.logits.argmax(-1)  # what choosing the next token costs
                 times[phase].append(time.perf_counter() - start)
+                used.update((layer, e) for layer, r in enumerate(out.router_outputs) for e in r.experts.flatten().tolist())
+                step += 1
     print(json.dumps({"load_s": load_s, "rss_after_load_gib": (after_load - before) * 1024 / GiB,
                       "peak_rss_gib": rss_kib("VmHWM") * 1024 / GiB, "token_s": times, "touch_s": touch_s,
-                      "active_bytes": active_bytes(model)}))
+                      "active_bytes": active_bytes(model), "experts_used": len(used),
+                      "experts": model.config.num_layers * model.config.num_experts}))
 
 
 def main() -> None:
@@ -195,6 +205,7 @@ def main() -> None:
         print(f"decode, {label}: {tok_s:.2f} tok/s, {r['active_bytes'] / 1e9:.2f} GB read per token = "
               f"{r['active_bytes'] * tok_s / 1e9:.1f} GB/s, {fraction:.0%} of the best line ({best_line:.1f} GB/s), "
               f"{fraction * best_line / matvec_line:.0%} of the best matrix-vector line ({matvec_line:.1f} GB/s)")
+    print(f"experts chosen at least once: {r['experts_used']} of {r['experts']}")
     print(f"load {r['load_s']:.1f} s; RSS after load {r['rss_after_load_gib']:.2f} GiB "
           f"({r['rss_after_load_gib'] * GiB / size:.2f} x the weight files); peak RSS {r['peak_rss_gib']:.2f} GiB")
 
