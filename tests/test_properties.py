@@ -66,6 +66,7 @@ def server(model, bpe):
 @example(chat=False, prompt="a\ud800", fields={})
 @example(chat=True, prompt="hi", fields={"temperature": 1e-300, "n": 2})
 @example(chat=False, prompt=["hi", "ho"], fields={"seed": 2**70, "temperature": 1})
+@example(chat=False, prompt="0", fields={"top_p": 1.8e-50})
 @given(chat=st.booleans(), prompt=prompts, fields=st.dictionaries(st.sampled_from(SAMPLING), sampling_values,
                                                                     max_size=4))
 def test_any_request_body_gets_an_answer_or_a_4xx_in_the_openai_shape(server, chat, prompt, fields):

@@ -78,6 +78,7 @@ def test_top_k_applies_after_temperature(monkeypatch):
 @pytest.mark.parametrize("top_p, kept", [
     # softmax(LOGITS) = [0.6095, 0.2242, 0.1360, 0.0303]; mass before each token: 0, 0.6095, 0.8337, 0.9697.
     (0.5, 1),   # the first token alone reaches 0.5
+    (1e-50, 1),  # rounds to 0 in float32: the most likely token still stays
     (0.8, 2),   # 0.6095 < 0.8, 0.8337 >= 0.8
     (0.9, 3),   # 0.8337 < 0.9, 0.9697 >= 0.9
     (1.0, 4),

@@ -122,9 +122,10 @@ class BatchSampler:
         top_k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=device).unsqueeze(1)
         drop = rank >= top_k
         # Top-p keeps the smallest prefix whose mass reaches p: a token goes once the mass before it does.
+        # The most likely token always stays (a p below float32's range rounds to 0 in the tensor).
         top_p = torch.tensor([p.top_p for p in params], device=device).unsqueeze(1)
         probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-        drop |= (probs.cumsum(dim=-1) - probs) >= top_p
+        drop |= ((probs.cumsum(dim=-1) - probs) >= top_p) & (rank > 0)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
         return torch.softmax(filtered, dim=-1)
