@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from yuanmoe import YuanForCausalLM, preset
 
@@ -18,6 +20,12 @@ GOLDEN = SHARED / "yuan" / "golden" / "tiny-a"
 TOKENIZER_DIR = SHARED / "yuan" / "tokenizer"
 DATASETS = SHARED / "yuan" / "datasets"
 CORPUS = SHARED / "corpus"
+
+# The property tests (tests/test_properties.py) draw the same examples on every run, so that CI
+# passes or fails on the code alone; HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 # Tests run tiny models, for which extra threads only add OpenMP overhead; on a shared 2-core
 # machine they also oversubscribe the cores, slowing small ops by orders of magnitude.
