@@ -57,8 +57,8 @@ def run(args) -> int:
     else:
         print(f"total parameters        {_count(stats['total_params'])}")
         print(f"active per token        {_count(stats['active_params'])}")
-        print(f"forward GFLOPs / token  {stats['forward_gflops_per_token']:8.3f}"
-              f"  (+ {stats['attention_gflops_per_token']:.3f} attention at {stats['attention_seq_len']} tokens)")
+        print(f"forward GFLOPs / token  {stats['forward_gflops_per_token']:8.4g}"
+              f"  (+ {stats['attention_gflops_per_token']:.4g} attention at {stats['attention_seq_len']} tokens)")
         print(f"layers {config.num_layers}, hidden {config.hidden_size}, heads {config.num_heads} x "
               f"{config.head_dim}, experts {config.num_experts} (top-{config.top_k}, FFN {config.ffn_hidden_size}), "
               f"router {config.router}")

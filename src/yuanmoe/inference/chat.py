@@ -45,7 +45,9 @@ def _chat_text(content: str) -> str:
 
 
 def _check_messages(messages: list[dict]) -> None:
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise ValueError(f"a chat's messages must be a list of {{role, content}} objects, got {messages!r}")
+    if not messages:
         raise ValueError("a chat needs at least one message")
     for m in messages:
         if not isinstance(m, dict):
