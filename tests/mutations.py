@@ -205,6 +205,9 @@ MUTATIONS = [
              "steps = max(1, round(tokens / tokens_per_step))", "steps = 3", ("tests/test_experiments.py",)),
     Mutation("routing not recorded during training", "src/yuanmoe/experiments/runner.py",
              "observe=observe if config.is_moe else None", "observe=None", ("tests/test_experiments.py",)),
+    Mutation("ablation comparison unpaired", "src/yuanmoe/experiments/compare.py",
+             "diffs = np.asarray([a[s] - b[s] for s in seeds]", "diffs = np.asarray([a[s] - b[seeds[0]] for s in seeds]",
+             ("tests/test_experiments.py",)),
 ]
 
 

@@ -7,6 +7,7 @@ import pytest
 from conftest import CORPUS
 from yuanmoe.cli import main
 from yuanmoe.data import prepare_dataset
+from yuanmoe.experiments.compare import compare, compare_markdown
 from yuanmoe.experiments.report import summarize
 from yuanmoe.experiments.suites import QUICK, base_config, check_matched_parameters, router_variants
 from yuanmoe.experiments.sweep import fit_trend, token_count
@@ -112,6 +113,49 @@ def test_paired_differences_against_the_baseline():
     assert rows["attention"]["vs_baseline"]["std"] == pytest.approx(0.0, abs=1e-12)
     assert not rows["attention"]["vs_baseline"]["within_noise"]  # consistent across seeds
     assert rows["shared"]["vs_baseline"]["within_noise"]  # +0.1 and -0.2: no consistent sign
+
+
+def test_compare_pairs_ablations_with_the_base_by_seed(tmp_path, capsys):
+    def suite(name, command, losses, steps=10):
+        folder = tmp_path / name
+        folder.mkdir()
+        variants = [{"variant": v, "seeds": sorted(per_seed), "heldout_loss": [per_seed[s] for s in sorted(per_seed)]}
+                    for v, per_seed in losses.items()]
+        (folder / "results.json").write_text(json.dumps({"command": command, "baseline": "linear",
+                                                         "budget": {"steps": steps}, "variants": variants}))
+        return folder
+
+    base = suite("base", "yuan experiment routers --out base --seeds 3",
+                 {"attention": {0: 4.5, 1: 4.6, 2: 4.4}, "linear": {0: 4.4, 1: 4.4, 2: 4.4}})
+    flag = suite("flag", "yuan experiment routers --out flag --seeds 3 --prepared base/data --router-lr-scale 4.0",
+                 {"attention": {0: 4.4, 1: 4.4, 2: 4.5}, "linear": {0: 4.5, 1: 4.4, 2: 4.3}})
+    attention_only = suite("temp", "yuan experiment routers --out temp --routers attention --seeds 3 "
+                           "--router-temperature 0.5", {"attention": {0: 4.45, 1: 4.55, 2: 4.35}})
+    summary = compare(base, [flag, attention_only])
+    first, second, third = summary["rows"]
+    assert first["recipe"] == "official recipe" and "change" not in first
+    assert first["gap"]["attention"]["mean"] == pytest.approx(0.1)  # +0.1, +0.2, 0.0
+    assert first["gap"]["attention"]["stderr"] == pytest.approx(0.1 / math.sqrt(3))
+    assert second["recipe"] == "--router-lr-scale 4.0"
+    assert second["gap"]["attention"]["per_seed"] == pytest.approx([-0.1, 0.0, 0.2])
+    assert second["gap_change"]["attention"]["per_seed"] == pytest.approx([-0.2, -0.2, 0.2])
+    assert second["change"]["attention"]["mean"] == pytest.approx(-0.2 / 3)
+    assert second["change"]["linear"]["per_seed"] == pytest.approx([0.1, 0.0, -0.1])
+    # The linear router is not touched by a temperature: the base's runs stand in, marked.
+    assert third["borrowed"] == ["linear"] and "linear" not in third["change"]
+    assert third["gap_change"]["attention"]["per_seed"] == pytest.approx([-0.05, -0.05, -0.05])
+    table = compare_markdown(summary)
+    assert "| 4.4000 * |" in table and "stand in" in table
+
+    assert main(["experiment", "compare", str(base), str(flag), "--out", str(tmp_path / "ablations.md")]) == 0
+    assert (tmp_path / "ablations.md").read_text() == compare_markdown(compare(base, [flag]))
+    assert json.loads((tmp_path / "ablations.json").read_text())["rows"][1]["recipe"] == "--router-lr-scale 4.0"
+    longer = suite("longer", "yuan experiment routers --out longer --steps 20", {"linear": {0: 4.0}}, steps=20)
+    capsys.readouterr()
+    assert main(["experiment", "compare", str(base), str(longer)]) == 2
+    assert "compare folders of the same budget" in capsys.readouterr().err
+    assert main(["experiment", "compare", str(base), str(tmp_path / "missing")]) == 2
+    assert "has no results.json" in capsys.readouterr().err
 
 
 def test_recipe_flags_reach_the_model_and_the_optimizer(prepared_corpus, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""`yuan experiment routers|experts`: the paper's Tables 1 and 2 at small scale, on your data."""
+"""`yuan experiment routers|experts`: the paper's Tables 1 and 2 at small scale, on your data;
+`yuan experiment compare`: recipe ablations side by side."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from ..data import load_meta
 from ..device import add_device_options
+from . import compare
 from .corpus import prepare_corpus
 from .suites import (DEFAULT, PAPER_TABLE1, PAPER_TABLE2, QUICK, ROUTER_VARIANTS, Scale, base_config,
                      check_matched_parameters, expert_variants, router_variants, run_suite)
@@ -184,3 +186,5 @@ def register(sub) -> None:
     experts.add_argument("--router", default="attention", choices=["attention", "linear", "noisy_topk"],
                          help="router of every variant (default attention, as in the paper)")
     experts.set_defaults(func=run_experts)
+
+    compare.register(suites)
