@@ -10,6 +10,10 @@ The two models and the peak matmul take turns and each keeps its fastest time: o
 the minimum is the least disturbed measurement, and alternating exposes all three to the same load. Each
 thread count of --threads is measured in the same run. As the trainer does, the process first
 calls `keep_freed_memory()`; --default-allocator measures glibc's default behaviour instead.
+The warm-up is long (30 steps) because a training process's heap takes tens of steps to reach its
+steady size: until then some steps fault in fresh pages (the MoE model's expert counts change every
+step, so its buffers vary in size), which a trainer running thousands of steps does not pay. The
+page faults per timed step are printed to show where the warm-up left each model.
 
     .venv/bin/python benchmarks/train_throughput.py [--preset small] [--threads 1,2] [--steps 5]
 """
@@ -17,6 +21,7 @@ calls `keep_freed_memory()`; --default-allocator measures glibc's default behavi
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import torch
@@ -51,8 +56,9 @@ class Trainee:
         self.optimizer = build_optimizer(self.model, 1e-4, 0.1, (0.9, 0.95))
         self.ids = torch.randint(0, config.vocab_size, (batch_size, seq_len + 1))
 
-    def step(self) -> float:
-        start = time.perf_counter()
+    def step(self) -> tuple[float, int]:
+        """Seconds of one step and the minor page faults during it."""
+        faults, start = minor_faults(), time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             logits = self.model(self.ids[:, :-1]).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), self.ids[:, 1:].flatten())
@@ -60,7 +66,11 @@ class Trainee:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, minor_faults() - faults
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -69,7 +79,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each model per thread count")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (kernel selection, allocation)")
+    parser.add_argument("--warmup", type=int, default=30,
+                        help="untimed steps of each model before the first thread count is timed (kernel selection, the heap "
+                             "reaching its steady size); at most 5 before the later ones, whose heap is warm")
     parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
     parser.add_argument("--threads", default="1,2", help="torch thread counts to measure (default 1,2)")
     parser.add_argument("--default-allocator", action="store_true",
@@ -91,18 +103,21 @@ def main() -> None:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for count in threads:
         torch.set_num_threads(count)
-        for trainee in trainees.values():
-            for _ in range(args.warmup):
+        for _ in range(args.warmup if count == threads[0] else min(args.warmup, 5)):
+            for trainee in trainees.values():
                 trainee.step()
         best = {name: float("inf") for name in trainees}
+        faults = {name: 0 for name in trainees}
         matmul = float("inf")
         for _ in range(args.steps):
             matmul = min(matmul, matmul_time(a, b))
             for name, trainee in trainees.items():
-                best[name] = min(best[name], trainee.step())
+                seconds, step_faults = trainee.step()
+                best[name], faults[name] = min(best[name], seconds), faults[name] + step_faults
         peak = 2 * n ** 3 / matmul
         print(f"\n{count} thread{'s' if count > 1 else ''}: matmul peak ({dtype}, {n}^3) {peak / 1e9:.0f} GFLOP/s")
-        print(f"{'model':<30}{'active params':>14}{'GFLOP/token':>13}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}")
+        print(f"{'model':<30}{'active params':>14}{'GFLOP/token':>13}{'tokens/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+              f"{'faults/step':>13}")
         speeds, mfus = {}, {}
         for name, config in models.items():
             stats = model_stats(config, args.seq_len)
@@ -111,7 +126,7 @@ def main() -> None:
             achieved = speeds[name] * flops_per_token
             mfus[name] = achieved / peak
             print(f"{name:<30}{stats['active_params'] / 1e6:>13.1f}M{flops_per_token / 1e9:>13.3f}"
-                  f"{speeds[name]:>10.0f}{achieved / 1e12:>9.3f}{mfus[name]:>7.1%}")
+                  f"{speeds[name]:>10.0f}{achieved / 1e12:>9.3f}{mfus[name]:>7.1%}{faults[name] / args.steps:>13.0f}")
         moe_name, dense_name = models
         print(f"MoE / dense tokens per second: {speeds[moe_name] / speeds[dense_name]:.2f} (target >= {TARGET_RATIO}); "
               f"MoE MFU {mfus[moe_name]:.1%} (target >= {TARGET_MFU:.0%})")
