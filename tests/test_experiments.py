@@ -61,7 +61,7 @@ def test_router_experiment_end_to_end(bilingual_corpus, tmp_path, capsys):
     text = (out / "results.md").read_text()
     assert "2.109" in text and "attention" in text
     for name in ("loss_curves.png", "coselection_attention.png", "coselection_linear.png", "coselection_shared.png",
-                 "coselection_side_by_side.png", "routing_over_training.png"):
+                 "coselection_side_by_side.png", "routing_over_training.png", "coselection_over_training.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     # The routing is recorded at every held-out evaluation, per layer; the last record is the final one.
     run = json.loads((out / "runs" / "attention-seed0.json").read_text())

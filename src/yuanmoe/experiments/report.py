@@ -73,6 +73,7 @@ def write_results(out: Path, title: str, runs: list[dict], baseline: str, paper:
     if routed:
         plot_coselection_side_by_side(out / "coselection_side_by_side.png", routed)
         plot_routing_over_training(out / "routing_over_training.png", runs, budget)
+        plot_coselection_over_training(out / "coselection_over_training.png", routed)
     return rows
 
 
@@ -228,6 +229,33 @@ def plot_coselection_side_by_side(path: Path, runs: dict[str, dict]) -> None:
             else:
                 axes[row, layer].axis("off")
     fig.suptitle("share of held-out tokens served by both experts (diagonal left out), first seed", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_coselection_over_training(path: Path, runs: dict[str, dict], layer: int = 0, snapshots: int = 4) -> None:
+    """How the expert pairs form: one row per variant (its first seed), one column per moment of
+    training (evenly spaced held-out evaluations, the last one included), one MoE layer, one colour
+    scale per column so the variants compare at equal training."""
+    plt = pyplot()
+    curves = {variant: run["routing_curve"] for variant, run in runs.items() if run.get("routing_curve")}
+    if not curves:
+        return
+    count = min(len(curve) for curve in curves.values())
+    picks = sorted({round(i * (count - 1) / max(1, snapshots - 1)) for i in range(snapshots)})
+    tokens_per_step = next(iter(runs.values()))["budget"]["batch_size"] * next(iter(runs.values()))["budget"]["seq_len"]
+    shares = {variant: [coselection_shares({"coselection": curve[i]["coselection"],
+                                            "heldout_tokens": runs[variant]["heldout_tokens"]})[layer] for i in picks]
+              for variant, curve in curves.items()}
+    fig, axes = plt.subplots(len(curves), len(picks), figsize=(3.4 * len(picks), 3.0 * len(curves) + 0.6),
+                             squeeze=False)
+    for column, i in enumerate(picks):
+        vmax = max(float(np.nanmax(share[column])) for share in shares.values())
+        for row, (variant, curve) in enumerate(curves.items()):
+            draw_coselection(fig, axes[row, column], shares[variant][column],
+                             f"{variant}, {curve[i]['step'] * tokens_per_step:,} tokens", vmax or None)
+    fig.suptitle(f"layer {layer}: share of held-out tokens served by both experts over training (diagonal left out), "
+                 f"first seed", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
