@@ -70,7 +70,7 @@ class ExpertParallelExperts(GroupedExperts):
         # Arrived grouped by (source rank, local expert); the grouped matmul wants them by local expert.
         expert_of_row = torch.arange(local, device=x.device).repeat(self.ep_size).repeat_interleave(received.flatten())
         order = torch.argsort(expert_of_row, stable=True)
-        out = super().forward(rows[order], received.sum(0))[torch.argsort(order)]
+        out = super().forward(rows.index_select(0, order), received.sum(0)).index_select(0, torch.argsort(order))
 
         row_bytes = x.shape[-1] * x.element_size()
         self.bytes_sent += (sum(send_splits) - send_splits[self.ep_rank]) * row_bytes
