@@ -156,6 +156,13 @@ def test_compare_pairs_ablations_with_the_base_by_seed(tmp_path, capsys):
     assert "compare folders of the same budget" in capsys.readouterr().err
     assert main(["experiment", "compare", str(base), str(tmp_path / "missing")]) == 2
     assert "has no results.json" in capsys.readouterr().err
+    experts = suite("experts", "yuan experiment experts --out experts", {"8 experts": {0: 4.0}})
+    assert main(["experiment", "compare", str(base), str(experts)]) == 2
+    assert "compare folders of the same suite" in capsys.readouterr().err
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text('{"variants": [')
+    assert main(["experiment", "compare", str(base), str(tmp_path / "broken")]) == 2
+    assert "is not the results.json of a `yuan experiment` run" in capsys.readouterr().err
 
 
 def test_recipe_flags_reach_the_model_and_the_optimizer(prepared_corpus, tmp_path, capsys):

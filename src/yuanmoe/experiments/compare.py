@@ -30,10 +30,14 @@ def load_suite(folder: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{folder} has no results.json: give the --out folder of a finished "
                                 f"`yuan experiment routers` or `experts` run")
-    results = json.loads(path.read_text())
-    losses = {row["variant"]: dict(zip(row["seeds"], row["heldout_loss"])) for row in results["variants"]}
-    return {"folder": str(folder), "command": results.get("command", ""), "baseline": results["baseline"],
-            "budget": results["budget"], "losses": losses}
+    try:
+        results = json.loads(path.read_text())
+        losses = {row["variant"]: dict(zip(row["seeds"], row["heldout_loss"])) for row in results["variants"]}
+        return {"folder": str(folder), "command": results.get("command", ""), "baseline": results["baseline"],
+                "budget": results["budget"], "losses": losses}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not the results.json of a `yuan experiment` run "
+                         f"({type(exc).__name__}: {exc}); rerun that suite's command to rewrite it") from None
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
@@ -66,6 +70,9 @@ def compare(base_folder: Path, others: list[Path]) -> dict:
     baseline, variants = base["baseline"], list(base["losses"])
     rows = []
     for suite in [base] + [load_suite(folder) for folder in others]:
+        if suite is not base and not set(suite["losses"]) & set(variants):
+            raise ValueError(f"{suite['folder']} ran {', '.join(suite['losses'])} and {base['folder']} "
+                             f"{', '.join(variants)}: compare folders of the same suite")
         if suite is not base and suite["budget"]["steps"] != base["budget"]["steps"]:
             raise ValueError(f"{suite['folder']} trained {suite['budget']['steps']} steps and {base['folder']} "
                              f"{base['budget']['steps']}: compare folders of the same budget")
