@@ -84,7 +84,7 @@ def random_groups(config, q):
             if bits == 4:
                 out[qweight] = torch.randint(0, 256, (*lead, rows, cols // 2), dtype=torch.uint8)
             else:
-                out[qweight] = torch.randint(-127, 128, (*lead, cols // group_size, rows, group_size), dtype=torch.int8)
+                out[qweight] = torch.randint(-127, 128, (*lead, rows, cols), dtype=torch.int8)
             # Scales for weights of std ~0.02 (uniform codes: std 4.6 at 4 bits, 73 at 8), zeros 0.
             scales = torch.full((*lead, cols // group_size, rows, 1), 0.02 / (4.6 if bits == 4 else 73))
             out[sz] = torch.cat([scales, torch.zeros_like(scales)], dim=-1).to(STORED_DTYPE)

@@ -168,18 +168,45 @@ MUTATIONS = [
              "torch.stack([scale, scale * (mid - zero_point)], dim=-1)",
              "torch.stack([scale, scale * (zero_point - mid)], dim=-1)",
              ("tests/test_quantize.py",)),
-    Mutation("int8 kernel path drops the zeros of asymmetric weights", "src/yuanmoe/quant/modules.py",
-             "    if symmetric:\n        return y\n    return y + x.unflatten(-1, (groups, group_size)).sum(-1) @ zero",
-             "    return y",
-             ("tests/test_quantize.py",)),
-    Mutation("grouped int8 kernel path uses the first group's scales for all", "src/yuanmoe/quant/modules.py",
-             "                                          scale[g].contiguous()).float() for g in range(groups))",
-             "                                          scale[0].contiguous()).float() for g in range(groups))",
-             ("tests/test_quantize.py",)),
     Mutation("int4 packing swaps the two nibbles", "src/yuanmoe/quant/packing.py",
-             "    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)",
-             "    packed = blocks[..., 1, :, :] | (blocks[..., 0, :, :] << 4)",
+             "        packed = c[..., 0, :] | (c[..., 1, :] << 4)",
+             "        packed = c[..., 1, :] | (c[..., 0, :] << 4)",
              ("tests/test_quantize.py",)),
+    Mutation("AVX-512 int4 kernel forgets the codes' midpoint", "src/yuanmoe/quant/csrc/qkernels.c",
+             "_mm512_sub_epi32(_mm512_add_epi32(ia[r], ib[r]), _mm512_set1_epi32(8 * xs[r][b]))",
+             "_mm512_add_epi32(ia[r], ib[r])", ("tests/test_quantize.py",)),
+    Mutation("AVX-512 int8 kernel drops the weights' signs", "src/yuanmoe/quant/csrc/qkernels.c",
+             "const __m512i sx = _mm512_mask_sub_epi8(x, neg, zero, x);", "const __m512i sx = x;",
+             ("tests/test_quantize.py",)),
+    Mutation("AVX2 int8 kernel drops the weights' signs", "src/yuanmoe/quant/csrc/qkernels.c",
+             "const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xq[r] + b * QBLOCK + c * 4)), v);",
+             "const __m256i x = _mm256_set1_epi32(load_i32(xq[r] + b * QBLOCK + c * 4));", ("tests/test_quantize.py",)),
+    Mutation("AVX2 int4 kernel reads the high nibbles as the low ones", "src/yuanmoe/quant/csrc/qkernels.c",
+             "const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);",
+             "const __m256i hi = _mm256_and_si256(v, m4);", ("tests/test_quantize.py",)),
+    Mutation("AVX2 kernel leaves out the zeros of asymmetric weights", "src/yuanmoe/quant/csrc/qkernels.c",
+             "                for (int r = 0; r < nr; r++) acc[r] = _mm256_fmadd_ps(zr, _mm256_set1_ps(zs[r]), acc[r]);",
+             "                ;", ("tests/test_quantize.py",)),
+    Mutation("scalar kernel leaves out the zeros of asymmetric weights", "src/yuanmoe/quant/csrc/qkernels.c",
+             "                for (int o = 0; o < TILE; o++) acc[o] += sz_at(W, g, t * TILE + o, 1) * zs;",
+             "                ;", ("tests/test_quantize.py",)),
+    Mutation("AVX-512 float kernel forgets the codes' midpoint", "src/yuanmoe/quant/csrc/qkernels.c",
+             "                if (W->bits == 4) sum = _mm512_sub_ps(sum, _mm512_set1_ps(8.f * xs[r][g]));",
+             "                ;", ("tests/test_quantize.py",)),
+    Mutation("kernels read every 4-row block's rows as its first", "src/yuanmoe/quant/csrc/qkernels.c",
+             "            f(W, t, X, rows + i, (int)(n - i < MAX_NR ? n - i : MAX_NR), y + i * ldy, ldy);",
+             "            f(W, t, X, rows, (int)(n - i < MAX_NR ? n - i : MAX_NR), y + i * ldy, ldy);",
+             ("tests/test_quantize.py",)),
+    Mutation("activations quantized with the wrong step", "src/yuanmoe/quant/csrc/qkernels.c",
+             "const float scale = amax / 127.f,", "const float scale = amax / 120.f,", ("tests/test_quantize.py",)),
+    Mutation("experts kernel without the SiLU", "src/yuanmoe/quant/csrc/qkernels.c",
+             "g[i * f + j] = u / (1.f + expf(-u)) * h[i * f2 + f + j];", "g[i * f + j] = u * h[i * f2 + f + j];",
+             ("tests/test_quantize.py",)),
+    Mutation("a forced kernel is ignored", "src/yuanmoe/quant/kernels.py",
+             "    if not forced:\n        return have[-1]", "    return have[-1]", ("tests/test_quantize.py",)),
+    Mutation("dtype auto takes bf16 on every CPU", "src/yuanmoe/device.py",
+             "    if torch.device(device).type == \"cuda\" or cpu_has_native_bf16():",
+             "    if True:", ("tests/test_quantize.py",)),
     Mutation("YaRN divides the high-frequency dims instead of the low ones", "src/yuanmoe/model/attention.py",
              "    mask = 1 - ramp", "    mask = ramp", ("tests/test_rope.py",)),
     Mutation("official rope_theta wins over rotary_base", "src/yuanmoe/convert/official.py",
@@ -232,6 +259,20 @@ def copy_repository(dest: Path) -> Path:
     return repo
 
 
+def build_kernels(repo: Path) -> str:
+    """Compile the copy's C kernels over its copy of the extension, as setup.py does; '' when built."""
+    import sysconfig
+
+    source = repo / "src/yuanmoe/quant/csrc/qkernels.c"
+    target = next((repo / "src/yuanmoe/quant").glob("_qkernels*.so"), None)
+    if target is None:
+        return "no built extension to replace (run `pip install -e .` first)"
+    proc = subprocess.run(["cc", "-O3", "-fopenmp", "-std=gnu11", "-shared", "-fPIC", "-DYK_PYTHON_MODULE",
+                           f"-I{sysconfig.get_paths()['include']}", "-o", str(target), str(source)],
+                          capture_output=True, text=True)
+    return proc.stderr[-500:] if proc.returncode else ""
+
+
 def run_mutation(m: Mutation, timeout: int, first_failure_only: bool = True) -> Outcome:
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="yuanmoe-mutation-") as tmp:
@@ -242,6 +283,10 @@ def run_mutation(m: Mutation, timeout: int, first_failure_only: bool = True) -> 
         if count != 1:
             return Outcome(m, "STALE", [f"target text found {count} times in {m.file}"], time.monotonic() - start)
         target.write_text(text.replace(m.old, m.new))
+        if m.file.endswith(".c"):
+            built = build_kernels(repo)
+            if built:
+                return Outcome(m, "ERROR", [f"the mutated kernels do not compile: {built}"], time.monotonic() - start)
         env = dict(os.environ, PYTHONPATH=str(repo / "src"), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1")
         check = subprocess.run([sys.executable, "-c", "import yuanmoe; print(yuanmoe.__file__)"], cwd=repo, env=env,
                                capture_output=True, text=True)

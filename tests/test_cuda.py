@@ -119,8 +119,8 @@ def test_server_on_the_gpu_answers_as_on_the_cpu(tmp_path, model, bpe):
     from yuanmoe.serving import create_app
 
     folder = save_pretrained(model, tmp_path / "tiny", tokenizer=bpe)
-    on_cpu = load(Namespace(checkpoint=str(folder), device="cpu", dtype=None, quantize=None))
-    on_gpu = load(Namespace(checkpoint=str(folder), device="cuda", dtype=None, quantize=None))
+    on_cpu = load(Namespace(checkpoint=str(folder), device="cpu", dtype=None, quantize=None, activations="int8"))
+    on_gpu = load(Namespace(checkpoint=str(folder), device="cuda", dtype=None, quantize=None, activations="int8"))
     assert on_gpu[0].device.type == "cuda"
     prompts = ["KING RICHARD:\nNow is the winter", "First Citizen:", "O Romeo, Romeo"]
     expected = complete(*on_cpu, prompts, SamplingParams(max_new_tokens=16, temperature=0))

@@ -69,7 +69,7 @@ def test_dtype_names_and_aliases(name, dtype):
 
 
 def test_unknown_dtype_lists_the_choices_and_names_are_canonical():
-    with pytest.raises(ValueError, match=r"^unknown dtype 'int8'; choose one of float32, bfloat16, float16$"):
+    with pytest.raises(ValueError, match=r"^unknown dtype 'int8'; choose auto or one of float32, bfloat16, float16$"):
         resolve_dtype("int8")
     assert [dtype_name(d) for d in (torch.float32, torch.bfloat16, torch.float16, torch.int8)] == \
         ["float32", "bfloat16", "float16", "int8"]

@@ -31,7 +31,9 @@ def gptq(request, tmp_path_factory):
     if relaid:
         loaded = tmp_path_factory.mktemp("relaid") / folder.name
         assert main(["quantize", str(folder), str(loaded)]) == 0
-    return folder, load_file(folder / "golden.safetensors"), from_pretrained(loaded, dtype=torch.float32)
+    # float activations: the kernels' exact mode (the default int8 mode is checked against it below)
+    return folder, load_file(folder / "golden.safetensors"), from_pretrained(loaded, dtype=torch.float32,
+                                                                             activations="float")
 
 
 @pytest.fixture(params=[True, False], ids=["kernels", "pure-pytorch"])
@@ -128,33 +130,134 @@ def test_gptq_act_order_with_a_permuted_g_idx_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------------------------ kernels
+KERNEL_NAMES = ("scalar", "avx2", "avx512-vnni")
+
+
+@pytest.fixture(params=KERNEL_NAMES)
+def cpu_kernel(request, monkeypatch):
+    """Each compiled kernel in turn (skipped where this CPU or build cannot run it)."""
+    from yuanmoe.quant import kernels
+
+    if request.param not in kernels.available():
+        pytest.skip(f"this machine cannot run the {request.param} kernel ({', '.join(kernels.available())})")
+    monkeypatch.setenv(kernels.KERNEL_ENV, request.param)
+    kernels.selected.cache_clear()
+    yield request.param
+    kernels.selected.cache_clear()
+
+
+def int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 mode sees it: each block of 32 values rounded to max|x| / 127 steps."""
+    blocks = x.float().unflatten(-1, (-1, 32))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 127)).flatten(-2)
+
+
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 0), (8, 32)])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_every_matmul_path_computes_the_dequantized_weight(bits, group_size, symmetric, dtype, monkeypatch):
+def test_every_kernel_computes_the_dequantized_weight(bits, group_size, symmetric, dtype, cpu_kernel):
+    """Each instruction set's kernel, both activation modes, 1 to 9 rows (decode and the 4-row
+    blocks of prefill), against the dequantized weight: float mode to fp32 rounding, int8 mode to
+    fp32 rounding of the same product with the activations rounded as it rounds them."""
     from yuanmoe.quant.modules import unpack_codes
     from yuanmoe.quant.packing import dequantize
 
+    torch.manual_seed(0)
     linear = torch.nn.Linear(128, 192, bias=True)
     layer = QuantLinear.quantize(linear, bits, group_size, symmetric, dtype)
     weight = dequantize(unpack_codes(layer.qweight, bits), layer.scales_and_zeros, bits)
     if dtype == torch.float32:  # the error is half a step of each group (bf16 scales round further)
         assert (weight - linear.weight).abs().max() <= layer.scales_and_zeros[..., 0].max() * 0.51
-    for rows in (1, 3, 4, 9):  # the kernels' rows (decoding) and the dequantizing path's (prefill)
-        x = torch.randn(rows, 128)
-        want = x @ weight.t() + layer.bias.float()
-        for kernels in (True, False):
-            monkeypatch.setattr(quant_modules, "KERNELS", kernels)
-            got = layer(x.to(dtype)).float()
-            tol = 1e-4 if dtype == torch.float32 else 0.05
-            assert (got - want).abs().max() <= tol * want.abs().max(), (rows, kernels)
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 128).to(dtype)
+        for mode, seen in (("float", x.float()), ("int8", int8_rows(x))):
+            layer.activations = mode
+            want = seen @ weight.t() + layer.bias.float()
+            got = layer(x).float()
+            tol = 2e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+            assert (got - want).abs().max() <= tol * want.abs().max(), (rows, mode)
 
 
-def test_shapes_the_4bit_layout_cannot_hold_are_refused_in_one_sentence():
-    with pytest.raises(ValueError, match=r"cannot be packed at 4 bits with group size 32: 4 bits need a multiple of 64"):
-        QuantLinear.quantize(torch.nn.Linear(64, 96), 4, 32)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_experts_kernel_matches_the_pure_pytorch_experts(bits, cpu_kernel, monkeypatch):
+    """All experts of a layer in one kernel call = one dequantized matmul per expert, with experts
+    that get no row, one row and several."""
+    torch.manual_seed(1)
+    w1, w2 = torch.randn(4, 2 * 64, 96) * 0.1, torch.randn(4, 96, 64) * 0.1
+    experts = QuantExperts.quantize(w1, w2, bits, 32, symmetric=False, dtype=torch.float32)
+    experts.activations = "float"
+    counts = torch.tensor([3, 0, 1, 5])
+    x = torch.randn(int(counts.sum()), 96)
+    got = experts(x, counts)
+    monkeypatch.setattr(quant_modules, "KERNELS", False)
+    want = experts(x, counts)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    monkeypatch.setattr(quant_modules, "KERNELS", True)
+    experts.activations = "int8"  # within the activations' rounding (half a step of 1/127 per block)
+    assert (experts(x, counts) - want).abs().max() <= 0.03 * want.abs().max()
+
+
+def test_int8_activations_track_the_exact_model(quantized):
+    """The default int8 mode on a whole quantized model: logits close to the exact float mode."""
+    _, folder = quantized
+    exact = from_pretrained(folder, dtype=torch.float32, activations="float")
+    fast = from_pretrained(folder, dtype=torch.float32)
+    ids = torch.randint(0, exact.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = exact(ids).logits, fast(ids).logits
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_kernel_choice_follows_the_cpu_and_refuses_what_it_cannot_run(monkeypatch):
+    from yuanmoe.quant import kernels
+
+    have = kernels.available()
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+    kernels.selected.cache_clear()
+    assert kernels.selected() == have[-1]  # the best this CPU runs
+    assert kernels.selected() in kernels.describe()
+    for name in have:
+        monkeypatch.setenv(kernels.KERNEL_ENV, name)
+        kernels.selected.cache_clear()
+        assert kernels.selected() == name
+    monkeypatch.setenv(kernels.KERNEL_ENV, "sse9")
+    kernels.selected.cache_clear()
+    with pytest.raises(ValueError, match="is not a kernel; use one of torch, scalar, avx2, avx512-vnni"):
+        kernels.selected()
+    kernels.selected.cache_clear()
+
+
+def test_auto_dtype_is_bf16_only_on_native_bf16_hardware(monkeypatch):
+    from yuanmoe import device
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert device.resolve_dtype("auto") == torch.float32
+    assert device.resolve_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    assert device.resolve_dtype("auto") == torch.bfloat16
+
+
+def test_shapes_the_tiled_layout_cannot_hold_are_refused_in_one_sentence():
+    with pytest.raises(ValueError, match=r"cannot be packed with group size 32: the tiled layout needs a multiple "
+                                         r"of 16 outputs"):
+        QuantLinear.quantize(torch.nn.Linear(64, 72), 4, 32)
     with pytest.raises(ValueError, match="group size 48 does not divide its 64 input columns"):
         QuantLinear.quantize(torch.nn.Linear(64, 128), 8, 48)
+
+
+def test_a_folder_in_the_old_layout_names_the_fix(quantized, tmp_path):
+    _, folder = quantized
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    config = json.loads((old / "quantize_config.json").read_text())
+    del config["layout"]
+    (old / "quantize_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="older yuanmoe, in a weight layout this version no longer reads; run "
+                                          "`yuan quantize` again"):
+        from_pretrained(old)
 
 
 # ------------------------------------------------------------------------------ yuan quantize
@@ -163,7 +266,8 @@ def float_checkpoint(bpe, tmp_path_factory):
     from yuanmoe import YuanForCausalLM, preset, save_pretrained
 
     torch.manual_seed(0)
-    config = preset("tiny", vocab_size=bpe.vocab_size, hidden_size=128, attention_projection_size=128,
+    # the vocabulary padded to the tiled layout's 16 rows, as the released model's 135040 is
+    config = preset("tiny", vocab_size=-(-bpe.vocab_size // 16) * 16, hidden_size=128, attention_projection_size=128,
                     ffn_hidden_size=128, eod_token_id=bpe.eod_id, sep_token_id=bpe.sep_id, pad_token_id=bpe.pad_id)
     return save_pretrained(YuanForCausalLM(config).eval(), tmp_path_factory.mktemp("float") / "tiny", tokenizer=bpe)
 
@@ -252,7 +356,7 @@ def test_serve_and_eval_run_the_quantized_folder(quantized, float_checkpoint, tm
     from yuanmoe.serving import create_app
 
     _, folder = quantized
-    model, tokenizer = load(Namespace(checkpoint=str(folder), device="cpu", dtype=None, quantize=None))
+    model, tokenizer = load(Namespace(checkpoint=str(folder), device="cpu", dtype=None, quantize=None, activations="int8"))
     with running_server(create_app(model, tokenizer, "q")) as url:
         reply = httpx.post(url + "/v1/completions", json={"model": "q", "prompt": "To be", "max_tokens": 4}, timeout=30)
     assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] in ("length", "stop")

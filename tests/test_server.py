@@ -30,7 +30,7 @@ def checkpoint(checkpoint_dir):
 
     from yuanmoe.inference.commands import load
 
-    return load(Namespace(checkpoint=str(checkpoint_dir), device="cpu", dtype=None, quantize=None))
+    return load(Namespace(checkpoint=str(checkpoint_dir), device="cpu", dtype=None, quantize=None, activations="int8"))
 
 
 @pytest.fixture(scope="module")

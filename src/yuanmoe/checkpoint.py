@@ -37,10 +37,12 @@ from tqdm import tqdm
 from .config import ConfigError, YuanConfig
 from .convert.official import (CheckpointError, config_from_official, config_to_official, native_to_official,
                                official_layer_to_native, official_shared_to_native)
-from .device import resolve_device, resolve_dtype
+from .device import auto_dtype, dtype_name, resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 from .model.attention import rope_description
+from .quant import kernels
 from .quant.formats import QuantConfig, expected_shapes, gptq_to_native, install_group, read_quant_config
+from .quant.modules import DEFAULT_ACTIVATIONS, set_activations
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +156,15 @@ def load_config(path: str | Path) -> tuple[YuanConfig, str]:
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device = "cpu") -> YuanForCausalLM:
+                    device: str | torch.device = "cpu", activations: str | None = None) -> YuanForCausalLM:
     """Load a native or official checkpoint folder; returns the model in eval mode. dtype None
-    keeps the dtype the weights are stored in (names as `--dtype` takes them: float32, bf16...);
-    device is cpu, cuda, cuda:N or auto (CUDA when present), and the weights go straight there."""
-    dtype, device = resolve_dtype(dtype), resolve_device(device)
+    keeps the dtype the weights are stored in (names as `--dtype` takes them: float32, bf16, auto...;
+    a quantized folder's default is auto: bf16 only where the hardware computes it natively);
+    device is cpu, cuda, cuda:N or auto (CUDA when present), and the weights go straight there.
+    activations: how quantized weights take their input on the CPU, "int8" (the default, as
+    llama.cpp) or "float" (exact); see quant/kernels.py."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     folder = _checkpoint_folder(path)
     config, fmt = load_config(folder)
     if (folder / ".metadata").is_file():  # a training run's checkpoint (DCP shards) of any world size
@@ -175,10 +181,12 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     quant = read_quant_config(folder)
     model = empty_model(config)
     weights, groups = _open_weights(folder, model, fmt, quant)
-    # Quantized folders compute in bf16 unless asked otherwise (their fp16 scales would be slow on CPUs).
-    dtype = dtype or (torch.bfloat16 if quant else weights.dtype_of(_embedding_name(fmt)))
-    log.info("loading %s: RoPE %s%s", folder, rope_description(config),
-             f"; weights {quant.describe()}" if quant else "")
+    # Quantized folders compute in bf16 or fp32 as the hardware prefers (never their fp16 scales' dtype).
+    dtype = dtype or (auto_dtype(device) if quant else weights.dtype_of(_embedding_name(fmt)))
+    activations = activations or DEFAULT_ACTIVATIONS
+    kernel = (f"; {kernels.describe()}, {activations} activations" if quant and device.type == "cpu" else "")
+    log.info("loading %s: RoPE %s; %s%s%s", folder, rope_description(config), dtype_name(dtype),
+             f"; weights {quant.describe()}" if quant else "", kernel)
     for layer, names in tqdm(groups.items(), desc="loading", unit="group", disable=None):
         if quant:
             with weights.read(names) as mapped:
@@ -192,6 +200,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | str | None = None,
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise CheckpointError(f"{folder} left these model tensors unset: {', '.join(left[:10])}")
+    if quant:
+        set_activations(model, activations)
     return model.to(device).eval()  # moves the buffers that are not in the checkpoint
 
 

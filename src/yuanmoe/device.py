@@ -3,6 +3,8 @@
 
 `auto` is CUDA when a GPU is present (under torchrun, the GPU of LOCAL_RANK), else the CPU.
 Training uses the dtype for autocast (fp32 master weights); inference loads the weights in it.
+`--dtype auto` follows the hardware: bfloat16 on CUDA and on CPUs with native bf16 arithmetic
+(AVX-512-BF16, AMX, Arm BF16), float32 on other CPUs, where bf16 is emulated and slower than fp32.
 
 The command line checks the spelling of `--device` while parsing and whether the device exists
 when the command runs, so `--device cuda` on a machine without a GPU ends in one sentence (exit 2).
@@ -13,9 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import os
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -57,15 +61,42 @@ def _local_gpu() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
 
 
-def resolve_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
-    """torch dtype for a name or alias (fp32, bf16, fp16, half); None stays None ('as stored' /
-    'the default'), a torch.dtype stays itself."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo spells them (empty where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    match = re.search(r"^(flags|Features)\s*:(.*)$", text, re.M)
+    return frozenset(match.group(2).split()) if match else frozenset()
+
+
+_NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX-512-BF16 and AMX; Arm's BF16 is "bf16"
+
+
+def cpu_has_native_bf16() -> bool:
+    return any(flag in cpu_flags() for flag in _NATIVE_BF16_FLAGS)
+
+
+def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
+    """What `--dtype auto` means on `device`: bf16 where the hardware computes it natively, else fp32."""
+    if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype | None:
+    """torch dtype for a name or alias (fp32, bf16, fp16, half; auto: auto_dtype(device)); None stays
+    None ('as stored' / 'the default'), a torch.dtype stays itself."""
     if name is None or isinstance(name, torch.dtype):
         return name
     text = str(name).strip().lower().removeprefix("torch.")
+    if text == "auto":
+        return auto_dtype(device)
     key = _ALIASES.get(text, text)
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype {str(name)!r}; choose one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {str(name)!r}; choose auto or one of {', '.join(DTYPES)}")
     return DTYPES[key]
 
 
@@ -82,7 +113,8 @@ def add_device_options(parser: argparse.ArgumentParser, dtype_help: str, dtype_d
     parser.add_argument("--device", type=device_argument, default=device_default, metavar="DEVICE",
                         help=f"auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default {device_default})")
     parser.add_argument("--dtype", type=dtype_argument, default=dtype_default, metavar="DTYPE",
-                        help=f"{' | '.join(DTYPES)}: {dtype_help}")
+                        help=f"auto | {' | '.join(DTYPES)}: {dtype_help} (auto: bfloat16 on CUDA and on CPUs "
+                             f"with native bf16, else float32)")
 
 
 def device_argument(text: str) -> str:
@@ -95,7 +127,10 @@ def device_argument(text: str) -> str:
 
 
 def dtype_argument(text: str) -> str:
-    """argparse `type=` for a dtype option: the canonical name of a name or alias."""
+    """argparse `type=` for a dtype option: the canonical name of a name or alias, or auto (resolved
+    when the command knows its device)."""
+    if text.strip().lower() == "auto":
+        return "auto"
     try:
         return dtype_name(resolve_dtype(text))
     except ValueError as exc:

@@ -37,7 +37,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-code-corpus", action="store_true",
                    help="leave out the default code corpus (the Python standard library's source)")
     p.add_argument("--prepared", type=Path, help="train on a folder made by `yuan data prepare` instead")
-    add_device_options(p, "autocast dtype of training (default bfloat16)", "bfloat16")
+    add_device_options(p, "autocast dtype of training (default auto)", "auto")
     for field in dataclasses.fields(Scale):
         p.add_argument("--" + field.name.replace("_", "-"), type=float if field.type == "float" else int,
                        help=f"override the scale (quick {getattr(QUICK, field.name)}, "

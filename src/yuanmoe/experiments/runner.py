@@ -70,7 +70,7 @@ def routing_picture(model, dataset: TokenDataset, windows: np.ndarray, batch_siz
 
 
 def train_variant(name: str, config: YuanConfig, data: Path, budget: Budget, seed: int, run_dir: Path,
-                  device: str = "auto", dtype: str = "bfloat16") -> dict:
+                  device: str = "auto", dtype: str = "auto") -> dict:
     """Train `config` from scratch on the first `budget.steps` batches of `data`; returns the
     training curve, held-out losses along the way and at the end, and the final routing picture."""
     cfg = TrainConfig(data=str(data), out=str(run_dir), max_steps=budget.steps, batch_size=budget.batch_size,
@@ -87,7 +87,7 @@ def train_variant(name: str, config: YuanConfig, data: Path, budget: Budget, see
     curve = []
 
     def observe(step: int, model) -> None:
-        picture = routing_picture(model, dataset, windows, budget.batch_size, resolve_dtype(dtype))
+        picture = routing_picture(model, dataset, windows, budget.batch_size, resolve_dtype(cfg.dtype))
         curve.append({"step": step, **picture})
 
     result = train(config, cfg, observe=observe if config.is_moe else None)

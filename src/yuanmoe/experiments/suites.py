@@ -83,7 +83,7 @@ def check_matched_parameters(variants: dict[str, YuanConfig]) -> None:
 
 def run_suite(out: Path, title: str, variants: dict[str, YuanConfig], scale: Scale, data: Path, baseline: str,
               paper: dict[str, float], paper_label: str, command: str, device: str = "auto",
-              dtype: str = "bfloat16", optimizer: dict | None = None, plots: bool = True) -> list[dict]:
+              dtype: str = "auto", optimizer: dict | None = None, plots: bool = True) -> list[dict]:
     """Train every variant with every seed (reusing runs already in OUT/runs with the same settings)
     and write the report (with its plots if `plots`); returns its rows. `optimizer` holds Budget's
     router optimizer settings."""

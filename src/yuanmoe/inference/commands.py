@@ -13,6 +13,9 @@ from .sampling import SamplingParams
 def _add_model_args(p) -> None:
     p.add_argument("checkpoint", help="a checkpoint folder (native or official) with its tokenizer")
     add_device_options(p, "weight dtype (default: as stored); bfloat16 halves the memory")
+    p.add_argument("--activations", choices=["int8", "float"], default="int8",
+                   help="quantized weights on the CPU: multiply int8-quantized activations (int8, the default, "
+                        "as llama.cpp) or exact fp32 ones (float)")
     p.add_argument("--quantize", choices=["int8"],
                    help="int8 weight-only quantization (bf16 activations): the fastest CPU decoding; "
                         "on CUDA it saves memory but dequantizes every matmul")
@@ -65,6 +68,7 @@ def load(args):
     """The model and its tokenizer, checked against each other, on args.device in args.dtype."""
     from ..checkpoint import from_pretrained
     from ..quant import read_quant_config
+    from ..quant.modules import set_activations
     from ..tokenizer import load_tokenizer
 
     if args.quantize and Path(args.checkpoint, "config.json").is_file() and read_quant_config(Path(args.checkpoint)):
@@ -74,7 +78,7 @@ def load(args):
                          f"run in {args.dtype}; drop --dtype or pass --dtype bfloat16")
     # int8 quantizes bf16 weights: loading them in bf16 right away halves the peak memory.
     dtype = "bfloat16" if args.quantize == "int8" else args.dtype
-    model = from_pretrained(args.checkpoint, dtype=dtype, device=args.device)
+    model = from_pretrained(args.checkpoint, dtype=dtype, device=args.device, activations=args.activations)
     tokenizer = load_tokenizer(args.checkpoint)
     config = model.config
     if tokenizer.vocab_size > config.vocab_size:
@@ -87,6 +91,7 @@ def load(args):
         from .quantize import quantize_int8
 
         quantize_int8(model)
+        set_activations(model, args.activations)
     return model, tokenizer
 
 

@@ -17,9 +17,12 @@ from tqdm import tqdm
 
 from ..config import YuanConfig
 from .formats import NATIVE_METHOD, QUANT_CONFIG_FILE, QuantConfig, native_buffer_names, native_plan, read_quant_config
-from .modules import ALIGN, quantize_weight
+from .modules import quantize_weight
 
 STORED_DTYPE = torch.bfloat16  # the unquantized tensors and the scales
+
+
+ALIGN = 64  # tensors start on cache lines: the kernels stream them from the mapped pages
 
 
 def quantize_checkpoint(src: str | Path, out: str | Path, bits: int | None = None, group_size: int | None = None,

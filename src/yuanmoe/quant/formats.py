@@ -36,6 +36,9 @@ from .packing import BITS, dequantize, unpack_gptq_rows, unpack_gptq_zeros
 
 QUANT_CONFIG_FILE = "quantize_config.json"
 NATIVE_METHOD = "yuanmoe"
+# The stored weight layout of native folders: 2 = the kernels' tiles (packing.pack_tiles). Folders
+# without it hold the layouts of PyTorch's own int4/int8 kernels, which this version no longer reads.
+NATIVE_LAYOUT = 2
 GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 # The linears the official AutoGPTQ recipe (auto_gptq/modeling/yuan.py) quantizes.
 _GPTQ_LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.gate\.(query|key|value)"
@@ -71,7 +74,8 @@ class QuantConfig:
 
     def to_json(self) -> str:
         return json.dumps({"quant_method": self.method, "bits": self.bits, "group_size": self.group_size,
-                           "sym": self.symmetric, "from_gptq": self.from_gptq, "head_bits": self.head_bits},
+                           "sym": self.symmetric, "from_gptq": self.from_gptq, "head_bits": self.head_bits,
+                           "layout": NATIVE_LAYOUT},
                           indent=2) + "\n"
 
 
@@ -97,6 +101,9 @@ def read_quant_config(folder: Path) -> QuantConfig | None:
     if data.get("is_marlin_format") or data.get("checkpoint_format", "gptq") != "gptq":
         raise ConfigError(f"{file} describes a repacked (Marlin/other) GPTQ layout; load the plain AutoGPTQ "
                           f"checkpoint instead")
+    if method == NATIVE_METHOD and data.get("layout") != NATIVE_LAYOUT:
+        raise ConfigError(f"{file}: this folder was written by an older yuanmoe, in a weight layout this version "
+                          f"no longer reads; run `yuan quantize` again on the checkpoint it was made from")
     base = data.get("model_file_base_name") or (f"gptq_model-{bits}bit-{group_size}g" if method == "gptq"
                                                 else "model")
     return QuantConfig(method, bits, max(group_size, 0), bool(data.get("sym", True)),
@@ -110,7 +117,8 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
     as is. Every linear weight and the experts are quantized at the requested bits, except the
     routers (kept: tiny, and their expert choice is sensitive); a weight whose shape the requested
     layout cannot hold, and the output head, get 8 bits with one scale per output row (the head:
-    unless head_bits says 4, or 0 to keep it). A folder
+    unless head_bits says 4, or 0 to keep it), or are kept where the tiled layout cannot hold them
+    at all. A folder
     re-laid out from AutoGPTQ holds what AutoGPTQ quantized (attention and experts) and nothing
     else (its routers arrive dequantized)."""
     experts = _EXPERTS.fullmatch(name)
@@ -121,13 +129,16 @@ def native_plan(name: str, shape: tuple, q: QuantConfig) -> tuple[int, int] | No
         return None
     out, inp = shape[-2:]
     if name == "lm_head.weight" and q.head_bits != 4:
-        return (8, inp) if q.head_bits == 8 else None
-    group_size = q.group_size or inp
+        return _fits(out, inp, 8, inp) if q.head_bits == 8 else None
+    return _fits(out, inp, q.bits, q.group_size or inp) or _fits(out, inp, 8, inp)
+
+
+def _fits(out: int, inp: int, bits: int, group_size: int) -> tuple[int, int] | None:
     try:
-        check_shape(out, inp, q.bits, group_size)
-        return q.bits, group_size
+        check_shape(out, inp, bits, group_size)
+        return bits, group_size
     except ValueError:
-        return 8, inp
+        return None
 
 
 def native_buffer_names(name: str) -> tuple[str, str]:
@@ -160,7 +171,7 @@ def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConf
         bits, group_size = plan
         *lead, rows, cols = shape
         qweight, sz = native_buffer_names(name)
-        out[qweight] = (*lead, rows, cols // 2) if bits == 4 else (*lead, cols // group_size, rows, group_size)
+        out[qweight] = (*lead, rows, cols // 2 if bits == 4 else cols)
         out[sz] = (*lead, cols // group_size, rows, 2)
     return out
 
@@ -234,7 +245,7 @@ def gptq_to_native(tensors: dict[str, torch.Tensor], layer: int | None, config: 
         except ValueError as exc:
             raise CheckpointError(f"cannot load this GPTQ checkpoint: {exc}") from None
         qweight, scales_and_zeros = native_buffer_names(name)
-        out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits, cols // s.shape[-3]), s.to(dtype)
+        out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits), s.to(dtype)
     return out
 
 

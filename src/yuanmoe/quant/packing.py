@@ -5,14 +5,13 @@ o decodes as
 
     w[o, i] = (code[o, i] - mid) * scale[g, o] + zero[g, o]          mid = 2^(bits-1)
 
-the form the PyTorch CPU int4 kernel takes (`scales_and_zeros` [groups, out, 2]). Symmetric
+held as `scales_and_zeros` [groups, out, 2], the form the CPU kernels read. Symmetric
 weights have zero = 0. The AutoGPTQ form `scale * (code - z)` maps to it with
 zero = scale * (mid - z).
 
-Stored layouts (modules.pack_codes): 8-bit codes as int8 `code - mid`, group-major [groups, out,
-group_size]; 4-bit codes as the CPU int4 kernel's packed uint8 [out, in/2] (`pack_int4`): blocks of
-64 output rows, where byte [k, j] of a block holds row j (low nibble) and row j + 32 (high nibble)
-at column k.
+Stored layout (`pack_tiles`): tiles of 16 output rows in which each 64-byte chunk holds 4 (8 bits)
+or 8 (4 bits) consecutive input columns of every row of the tile, the operand shape of the CPU
+kernels' integer dot products; 8-bit codes as int8 `code - mid`, 4-bit codes two to a byte.
 """
 
 from __future__ import annotations
@@ -20,8 +19,8 @@ from __future__ import annotations
 import torch
 
 BITS = (4, 8)
-INT4_BLOCK = 64  # output rows per block of the packed int4 layout
-INT4_GROUP_SIZES = (32, 64, 128, 256)  # group sizes the CPU int4 kernel takes
+TILE = 16  # output rows per tile of the stored layouts
+COLUMNS = 32  # input columns and group sizes must be multiples of this (the kernels' activation block)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int,
@@ -61,20 +60,29 @@ def dequantize(codes: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
     return w
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [..., out, in] (values < 16; out a multiple of 64) -> the packed layout [..., out, in/2]."""
+def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., out, in] (< 2^bits; out a multiple of 16, in of 8) -> the tiled layout the
+    CPU kernels read (csrc/qkernels.c): 4 bits packed uint8 [..., out, in/2], 8 bits int8 code - 128
+    [..., out, in]. Per tile of 16 rows and chunk of 8 (4 bits) or 4 (8 bits) columns, 64 bytes:
+    each row's 4 bytes in turn; at 4 bits byte i holds columns i (low nibble) and 4 + i (high)."""
     *lead, out, inp = codes.shape
-    blocks = codes.reshape(*lead, out // INT4_BLOCK, 2, INT4_BLOCK // 2, inp).transpose(-2, -1)
-    packed = blocks[..., 0, :, :] | (blocks[..., 1, :, :] << 4)  # [..., blocks, in, 32]
-    return packed.reshape(*lead, out, inp // 2).contiguous()
+    tiles = out // TILE
+    if bits == 4:
+        c = codes.reshape(*lead, tiles, TILE, inp // 8, 2, 4)
+        packed = c[..., 0, :] | (c[..., 1, :] << 4)  # [..., tiles, 16, chunks, 4]
+        return packed.transpose(-3, -2).reshape(*lead, out, inp // 2).contiguous()
+    signed = (codes.to(torch.int16) - 128).to(torch.int8).reshape(*lead, tiles, TILE, inp // 4, 4)
+    return signed.transpose(-3, -2).reshape(*lead, out, inp).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int4: uint8 codes [..., out, in]."""
-    *lead, out, half = packed.shape
-    blocks = packed.reshape(*lead, out // INT4_BLOCK, 2 * half, INT4_BLOCK // 2)
-    codes = torch.stack([blocks & 15, blocks >> 4], dim=-3).transpose(-2, -1)  # [..., blocks, 2, 32, in]
-    return codes.reshape(*lead, out, 2 * half)
+def unpack_tiles(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of pack_tiles: codes [..., out, in], uint8 in [0, 16) at 4 bits, int8 code - 128 at 8."""
+    *lead, out, width = packed.shape
+    tiles = out // TILE
+    if bits == 4:
+        c = packed.reshape(*lead, tiles, width // 4, TILE, 4).transpose(-3, -2)  # [..., tiles, 16, chunks, 4]
+        return torch.stack([c & 15, c >> 4], dim=-2).reshape(*lead, out, 2 * width)
+    return packed.reshape(*lead, tiles, width // 4, TILE, 4).transpose(-3, -2).reshape(*lead, out, width)
 
 
 def unpack_gptq_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:

@@ -32,7 +32,8 @@ class TrainConfig:
     betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", cli=False)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this")
     device: str = setting("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N", type=device_argument)
-    dtype: str = setting("bfloat16", "autocast dtype (weights stay fp32): float32 or bfloat16", type=dtype_argument)
+    dtype: str = setting("auto", "autocast dtype (weights stay fp32): float32, bfloat16 or auto (bfloat16 on "
+                         "CUDA and on CPUs with native bf16, else float32)", type=dtype_argument)
     activation_checkpointing: bool = setting(False, "recompute each layer in the backward pass to save memory")
     fim_rate: float = setting(0.0, "share of documents in fill-in-the-middle form")
     fim_spm_rate: float = setting(0.5, "share of FIM documents in suffix-prefix-middle order")
@@ -85,7 +86,7 @@ class TrainConfig:
         if self.warmup_steps < 0:
             raise ValueError(f"warmup-steps must not be negative, got {self.warmup_steps}")
         check_train_numbers(self)
-        self.dtype = dtype_name(resolve_dtype(self.dtype))
+        self.dtype = dtype_name(resolve_dtype(self.dtype, _device_type(self.device)))
         if self.dtype == "float16":
             raise ValueError("float16 training needs loss scaling, which this trainer does not do; "
                              "use --dtype bfloat16 (or float32)")
@@ -143,3 +144,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]}
     return TrainConfig(**{name: getattr(args, name) for name in names})
+
+
+def _device_type(device: str) -> str:
+    """cuda or cpu: the kind of device a --device value names (auto: CUDA when present)."""
+    import torch
+
+    return "cuda" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
