@@ -110,6 +110,7 @@ def main() -> None:
     results = []
     try:
         write_quantized(folder, config, q, random_groups(config, q))
+        os.sync()  # dirty pages written back now, not while decoding is timed
         for threads in args.threads:
             line = max(weight_read_line(threads).values())
             out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--threads", str(threads),

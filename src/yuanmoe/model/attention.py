@@ -38,13 +38,14 @@ class LocalizedFilter(nn.Module):
         Returns the filtered input and the new state (the last two inputs, masked the same way)."""
         keep = keep.unsqueeze(-1).to(x.dtype)
         if state is None:
-            prev_x = F.pad(x[:, :-1], (0, 0, 1, 0))
+            prev_x = F.pad(x[:, :-1], (0, 0, 1, 0)) * keep
             c1_before = x.new_zeros(x.shape[0], 1, self.conv1.out_features)
+            c1 = self.conv1(torch.cat([prev_x, x], dim=-1))
         else:
-            prev_x = torch.cat([state[:, 1:], x[:, :-1]], dim=1)
-            c1_before = self.conv1(state.flatten(1).unsqueeze(1))
-        prev_x = prev_x * keep
-        c1 = self.conv1(torch.cat([prev_x, x], dim=-1))
+            prev_x = torch.cat([state[:, 1:], x[:, :-1]], dim=1) * keep
+            # conv1 of the state's last pair and of x's pairs in one product: one read of its weight
+            c1 = self.conv1(torch.cat([state.flatten(1).unsqueeze(1), torch.cat([prev_x, x], dim=-1)], dim=1))
+            c1_before, c1 = c1[:, :1], c1[:, 1:]
         prev_c1 = torch.cat([c1_before, c1[:, :-1]], dim=1) * keep
         c2 = self.conv2(torch.cat([prev_c1, c1], dim=-1))
         new_state = torch.cat([prev_x[:, -1:], x[:, -1:]], dim=1)

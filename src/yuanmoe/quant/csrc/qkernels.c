@@ -33,6 +33,7 @@
 #define TILE 16
 #define QBLOCK 32
 #define MAX_NR 4
+#define AHEAD 8 /* blocks of 32 columns prefetched ahead of the weights being read (a tile streams front to back) */
 
 typedef struct {
     const uint8_t *w; /* tiled codes of this matrix */
@@ -69,6 +70,11 @@ static inline int32_t load_i32(const void *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* the scales and zeros of group g for the rows from row0: a cache line apart from the last group's */
+static inline const char *sz_line(const yk_weight *W, int64_t g, int64_t row0) {
+    return (const char *)W->sz + (g * W->out + row0) * 2 * (W->sz_bf16 ? 2 : 4);
 }
 
 static inline const uint8_t *tile_base(const yk_weight *W, int64_t t) {
@@ -181,8 +187,11 @@ static inline T256 void sz8(const yk_weight *W, int64_t g, int64_t row0, __m256 
     }
 }
 
+/* H halves of 8 rows per pass over the tile: 2 (one pass, each cache line read once) for one or
+ * two rows, 1 (two passes) for more, where registers would run out. */
 static inline __attribute__((always_inline)) T256 void tile_int_avx2_nr(
-    const yk_weight *W, int64_t t, const yk_act *X, const int64_t *rows, float *y, int64_t ldy, const int nr) {
+    const yk_weight *W, int64_t t, const yk_act *X, const int64_t *rows, float *y, int64_t ldy, const int nr,
+    const int H) {
     const int64_t in = W->in, nblk = in / QBLOCK, bpg = W->group / QBLOCK, ngroups = in / W->group;
     const uint8_t *base = tile_base(W, t);
     const int8_t *xq[MAX_NR];
@@ -194,63 +203,78 @@ static inline __attribute__((always_inline)) T256 void tile_int_avx2_nr(
         xs[r] = X->s + rows[r] * nblk;
     }
     const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2; h++) {
-        __m256 acc[MAX_NR];
-        for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (int h0 = 0; h0 < 2; h0 += H) {
+        __m256 acc[2][MAX_NR];
+        for (int h = 0; h < H; h++)
+            for (int r = 0; r < nr; r++) acc[h][r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < ngroups; g++) {
-            __m256 sc, zr;
-            sz8(W, g, t * TILE + 8 * h, &sc, &zr);
+            __m256 sc[2], zr[2];
+            for (int h = 0; h < H; h++) sz8(W, g, t * TILE + 8 * (h0 + h), &sc[h], &zr[h]);
+            _mm_prefetch(sz_line(W, g + 1, t * TILE + 8 * h0), _MM_HINT_T0);
             float zs[MAX_NR] = {0};
             for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
-                __m256i ia[MAX_NR];
+                __m256i ia[2][MAX_NR];
                 if (W->bits == 4) {
-                    const uint8_t *p = base + b * 256 + 32 * h;
-                    __m256i s16[MAX_NR];
-                    for (int r = 0; r < nr; r++) s16[r] = _mm256_setzero_si256();
+                    const uint8_t *p = base + b * 256 + 32 * h0;
+                    __m256i s16[2][MAX_NR];
+                    for (int h = 0; h < H; h++)
+                        for (int r = 0; r < nr; r++) s16[h][r] = _mm256_setzero_si256();
                     for (int c = 0; c < 4; c++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * c));
-                        const __m256i lo = _mm256_and_si256(v, m4);
-                        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-                        for (int r = 0; r < nr; r++) {
-                            const int8_t *x = xq[r] + b * QBLOCK + c * 8;
-                            const __m256i pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x)));
-                            const __m256i pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 4)));
-                            s16[r] = _mm256_add_epi16(s16[r], _mm256_add_epi16(pa, pb)); /* |sum| <= 30480 */
+                        _mm_prefetch((const char *)(p + AHEAD * 256 + 64 * c), _MM_HINT_T0);
+                        for (int h = 0; h < H; h++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * c + 32 * h));
+                            const __m256i lo = _mm256_and_si256(v, m4);
+                            const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                            for (int r = 0; r < nr; r++) {
+                                const int8_t *x = xq[r] + b * QBLOCK + c * 8;
+                                const __m256i pa = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x)));
+                                const __m256i pb = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x + 4)));
+                                s16[h][r] = _mm256_add_epi16(s16[h][r], _mm256_add_epi16(pa, pb)); /* |sum| <= 30480 */
+                            }
                         }
                     }
-                    for (int r = 0; r < nr; r++)
-                        ia[r] = _mm256_sub_epi32(_mm256_madd_epi16(s16[r], ones), _mm256_set1_epi32(8 * xs[r][b]));
+                    for (int h = 0; h < H; h++)
+                        for (int r = 0; r < nr; r++)
+                            ia[h][r] = _mm256_sub_epi32(_mm256_madd_epi16(s16[h][r], ones), _mm256_set1_epi32(8 * xs[r][b]));
                 } else {
-                    const uint8_t *p = base + b * 512 + 32 * h;
-                    for (int r = 0; r < nr; r++) ia[r] = _mm256_setzero_si256();
+                    const uint8_t *p = base + b * 512 + 32 * h0;
+                    for (int h = 0; h < H; h++)
+                        for (int r = 0; r < nr; r++) ia[h][r] = _mm256_setzero_si256();
                     for (int c = 0; c < 8; c++) {
-                        const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * c));
-                        const __m256i a = _mm256_sign_epi8(v, v); /* |w| as unsigned bytes (128 for -128) */
-                        for (int r = 0; r < nr; r++) {
-                            const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xq[r] + b * QBLOCK + c * 4)), v);
-                            ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(_mm256_maddubs_epi16(a, x), ones));
+                        _mm_prefetch((const char *)(p + AHEAD * 512 + 64 * c), _MM_HINT_T0);
+                        for (int h = 0; h < H; h++) {
+                            const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * c + 32 * h));
+                            const __m256i a = _mm256_sign_epi8(v, v); /* |w| as unsigned bytes (128 for -128) */
+                            for (int r = 0; r < nr; r++) {
+                                const __m256i x = _mm256_sign_epi8(_mm256_set1_epi32(load_i32(xq[r] + b * QBLOCK + c * 4)), v);
+                                ia[h][r] = _mm256_add_epi32(ia[h][r], _mm256_madd_epi16(_mm256_maddubs_epi16(a, x), ones));
+                            }
                         }
                     }
                 }
                 for (int r = 0; r < nr; r++) {
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[r]), _mm256_mul_ps(sc, _mm256_set1_ps(xd[r][b])), acc[r]);
+                    const __m256 d = _mm256_set1_ps(xd[r][b]);
+                    for (int h = 0; h < H; h++)
+                        acc[h][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ia[h][r]), _mm256_mul_ps(sc[h], d), acc[h][r]);
                     zs[r] += xd[r][b] * (float)xs[r][b];
                 }
             }
             if (!W->sym)
-                for (int r = 0; r < nr; r++) acc[r] = _mm256_fmadd_ps(zr, _mm256_set1_ps(zs[r]), acc[r]);
+                for (int h = 0; h < H; h++)
+                    for (int r = 0; r < nr; r++) acc[h][r] = _mm256_fmadd_ps(zr[h], _mm256_set1_ps(zs[r]), acc[h][r]);
         }
-        for (int r = 0; r < nr; r++) _mm256_storeu_ps(y + r * ldy + t * TILE + 8 * h, acc[r]);
+        for (int h = 0; h < H; h++)
+            for (int r = 0; r < nr; r++) _mm256_storeu_ps(y + r * ldy + t * TILE + 8 * (h0 + h), acc[h][r]);
     }
 }
 
 static T256 void tile_int_avx2(const yk_weight *W, int64_t t, const yk_act *X, const int64_t *rows, int nr,
                                float *y, int64_t ldy) {
     switch (nr) {
-    case 4: tile_int_avx2_nr(W, t, X, rows, y, ldy, 4); break;
-    case 3: tile_int_avx2_nr(W, t, X, rows, y, ldy, 3); break;
-    case 2: tile_int_avx2_nr(W, t, X, rows, y, ldy, 2); break;
-    default: tile_int_avx2_nr(W, t, X, rows, y, ldy, 1); break;
+    case 4: tile_int_avx2_nr(W, t, X, rows, y, ldy, 4, 1); break;
+    case 3: tile_int_avx2_nr(W, t, X, rows, y, ldy, 3, 1); break;
+    case 2: tile_int_avx2_nr(W, t, X, rows, y, ldy, 2, 2); break;
+    default: tile_int_avx2_nr(W, t, X, rows, y, ldy, 1, 2); break;
     }
 }
 
@@ -342,6 +366,7 @@ static inline __attribute__((always_inline)) T512 void tile_int_avx512_nr(
     for (int64_t g = 0; g < ngroups; g++) {
         __m512 sc, zr;
         sz16(W, g, t * TILE, &sc, &zr);
+        _mm_prefetch(sz_line(W, g + 1, t * TILE), _MM_HINT_T0);
         float zs[MAX_NR] = {0};
         for (int64_t b = g * bpg; b < (g + 1) * bpg; b++) {
             /* two accumulators a row: two dependency chains of vpdpbusd instead of one */
@@ -350,6 +375,7 @@ static inline __attribute__((always_inline)) T512 void tile_int_avx512_nr(
             if (W->bits == 4) {
                 const uint8_t *p = base + b * 256;
                 for (int c = 0; c < 4; c++) {
+                    _mm_prefetch((const char *)(p + AHEAD * 256 + 64 * c), _MM_HINT_T0);
                     const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * c));
                     const __m512i lo = _mm512_and_si512(v, m4);
                     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
@@ -364,6 +390,7 @@ static inline __attribute__((always_inline)) T512 void tile_int_avx512_nr(
             } else {
                 const uint8_t *p = base + b * 512;
                 for (int c = 0; c < 8; c++) {
+                    _mm_prefetch((const char *)(p + AHEAD * 512 + 64 * c), _MM_HINT_T0);
                     const __m512i v = _mm512_loadu_si512((const void *)(p + 64 * c));
                     const __m512i a = _mm512_abs_epi8(v);
                     const __mmask64 neg = _mm512_movepi8_mask(v);
