@@ -47,7 +47,7 @@ def child(folder: str, threads: int, prompts: list[int], new_tokens: int) -> Non
     with torch.inference_mode():
         for n in prompts:
             tokens = torch.randint(0, vocab, (1, n), generator=gen)
-            cache = model.new_cache(1, n + 1)
+            cache = model.new_cache(1, n)
             model(tokens[:, :8], cache=model.new_cache(1, 8), logits_to_keep=1)  # warm-up
             start = time.perf_counter()
             model(tokens, cache=cache, logits_to_keep=1).logits.argmax(-1)

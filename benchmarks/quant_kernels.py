@@ -1,34 +1,36 @@
-"""Which matmul path is fastest per shape, rows and bit width (quant/modules.py picks by rows).
+"""Each CPU kernel (quant/kernels.py) against the dense bf16 matmul, per M32 weight shape and rows.
 
-For M32's weight shapes, times x [rows, in] @ W.T in bf16 for: the bf16 weight (baseline), int8 per
-output row through `torch._weight_int8pack_mm`, int4 group-128 through
-`_weight_int4pack_mm_for_cpu`, and each one's dequantize + bf16 matmul fallback. Prints
-milliseconds and the weight bytes read per second (GB/s of the stored weight). Each path calls
-copies of its weight in turn (256 MiB in all), so weights come from memory, not from the caches.
+For x [rows, in] @ W.T in bf16: the dense bf16 weight (the baseline), then int4 (group 128) and
+int8 (one scale per row) through every kernel this CPU runs (avx512-vnni, avx2, scalar; int8 and
+float activations) and the pure-PyTorch dequantize + matmul path (`torch`). Prints milliseconds and
+GB/s of the stored weight, and this machine's weight-read line (an int64 sum over 1 GiB) measured
+in the same run. Each path calls copies of its weight in turn (256 MiB in all), so weights come
+from memory, not from the caches, as in decoding.
 
-    .venv/bin/python benchmarks/quant_kernels.py [--threads 1] [--rows 1 2 4 8 32 256]
+    .venv/bin/python benchmarks/quant_kernels.py [--threads 1] [--rows 1 4 32 128] [--kernels avx2 ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import time
 
 import torch
 
-from yuanmoe.quant import modules
+from yuanmoe.quant import kernels, modules
 from yuanmoe.quant.modules import QuantLinear
 
-STREAM_BYTES = 256 * 2**20  # well above this machine's 32 MiB L3
-INT8_LIMIT, INT4_LIMIT = modules.INT8_KERNEL_MAX_ROWS, modules.INT4_KERNEL_MAX_ROWS
+STREAM_BYTES = 256 * 2**20  # well above the CPU caches
 SHAPES = {"attention q/k/v [4096, 2048]": (4096, 2048), "expert w1 [16384, 2048]": (16384, 2048),
           "expert w2 [2048, 8192]": (2048, 8192)}
 
 
-def best_ms(modules_, x, repeat: int) -> float:
+def best_ms(layers, x, repeat: int) -> float:
     """Best time of one call, calling the copies in turn so that the weights come from memory."""
     def run():
-        for m in modules_:
+        for m in layers:
             m(x)
 
     run()
@@ -37,45 +39,62 @@ def best_ms(modules_, x, repeat: int) -> float:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return min(times) * 1e3 / len(modules_)
+    return min(times) * 1e3 / len(layers)
 
 
 def copies(module: torch.nn.Module, nbytes: int) -> list[torch.nn.Module]:
-    """Enough copies of a module that together they exceed the CPU caches (STREAM_BYTES)."""
-    import copy
-
     return [module] + [copy.deepcopy(module) for _ in range(-(-STREAM_BYTES // nbytes) - 1)]
+
+
+def read_line() -> float:
+    ints = torch.randint(0, 2**40, (2**27,), dtype=torch.int64)
+    ints.sum()
+    start = time.perf_counter()
+    for _ in range(3):
+        ints.sum()
+    return 3 * ints.nbytes / (time.perf_counter() - start) / 1e9
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 32, 256])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 32, 128])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--kernels", nargs="+", help="default: every kernel this CPU runs, and torch")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    modules.INT8_KERNEL_MAX_ROWS = modules.INT4_KERNEL_MAX_ROWS = 2**31
+    names = args.kernels or [k for k in reversed(kernels.available())]
+    paths = [(k, a) for k in names if k != "torch" for a in kernels.ACTIVATIONS] + \
+        ([("torch", "-")] if "torch" in names else [])
     torch.manual_seed(0)
-    print(f"threads {args.threads}; ms (GB/s of stored weight); * = the path quant_matmul takes")
+    print(f"threads {args.threads}; {kernels.describe()}; read line {read_line():.1f} GB/s")
+    print("ms (GB/s of the stored weight)")
     for label, (out, inp) in SHAPES.items():
         linear = torch.nn.Linear(inp, out, bias=False).to(torch.bfloat16)
-        layers = {"int8": QuantLinear.quantize(linear, 8, 0), "int4": QuantLinear.quantize(linear, 4, 128)}
-        nbytes = {name: layer.qweight.nbytes + layer.scales_and_zeros.nbytes for name, layer in layers.items()}
-        linears = copies(linear, out * inp * 2)
-        layers = {name: copies(layer, nbytes[name]) for name, layer in layers.items()}
+        dense = copies(linear, out * inp * 2)
+        layers, nbytes = {}, {}
+        for bits, group in ((4, 128), (8, 0)):
+            layer = QuantLinear.quantize(linear, bits, group)
+            nbytes[bits] = layer.qweight.nbytes + layer.scales_and_zeros.nbytes
+            layers[bits] = copies(layer, nbytes[bits])
         print(f"\n{label}")
-        print(f"{'rows':>5} {'bf16':>16} {'int8 kernel':>16} {'int8 dequant':>16} {'int4 kernel':>16} {'int4 dequant':>16}")
+        print(f"{'rows':>5} {'bf16':>15} " + " ".join(f"{f'int{b} {k}/{a}':>26}" for b in (4, 8) for k, a in paths))
         for rows in args.rows:
             x = torch.randn(rows, inp, dtype=torch.bfloat16)
-            cells = [(best_ms(linears, x, args.repeat), out * inp * 2, False)]
-            for name, limit in (("int8", INT8_LIMIT), ("int4", INT4_LIMIT)):
-                modules.KERNELS = True  # with the row limits lifted: the kernel at every row count
-                cells.append((best_ms(layers[name], x, args.repeat), nbytes[name], rows <= limit))
-                modules.KERNELS = False
-                cells.append((best_ms(layers[name], x, args.repeat), nbytes[name], rows > limit))
+            cells = [(best_ms(dense, x, args.repeat), out * inp * 2)]
+            for bits in (4, 8):
+                for kernel, activations in paths:
+                    os.environ[kernels.KERNEL_ENV] = "scalar" if kernel == "torch" else kernel
+                    kernels.selected.cache_clear()
+                    modules.KERNELS = kernel != "torch"
+                    for m in layers[bits]:
+                        m.activations = activations if activations != "-" else "int8"
+                    cells.append((best_ms(layers[bits], x, args.repeat), nbytes[bits]))
             modules.KERNELS = True
-            line = "".join(f"{ms:>8.2f} ({nbytes / ms / 1e6:4.1f}){'*' if chosen else ' '}" for ms, nbytes, chosen in cells)
-            print(f"{rows:>5} {line}")
+            print(f"{rows:>5} " + " ".join(f"{ms:>8.2f} ({n / ms / 1e6:5.1f})" + " " * (0 if i == 0 else 11)
+                                          for i, (ms, n) in enumerate(cells)))
+    os.environ.pop(kernels.KERNEL_ENV, None)
+    kernels.selected.cache_clear()
 
 
 if __name__ == "__main__":

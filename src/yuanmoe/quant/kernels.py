@@ -36,24 +36,19 @@ class _Weight(ctypes.Structure):
                 ("sym", ctypes.c_int32), ("pad", ctypes.c_int32)]
 
 
-class _Act(ctypes.Structure):
-    _fields_ = [("q", ctypes.c_void_p), ("d", ctypes.c_void_p), ("s", ctypes.c_void_p), ("f", ctypes.c_void_p),
-                ("in_", ctypes.c_int64)]
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where `pip install -e .` could not build them."""
     try:
         from . import _qkernels
-    except ImportError:
+
+        lib = ctypes.CDLL(_qkernels.__file__)
+    except (ImportError, OSError):
         return None
-    lib = ctypes.CDLL(_qkernels.__file__)
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.yk_isa_supported.argtypes, lib.yk_isa_supported.restype = [i32], i32
-    lib.yk_quantize.argtypes, lib.yk_quantize.restype = [p, i32, i64, i64, p, p, p, i32], None
-    lib.yk_matmul.argtypes, lib.yk_matmul.restype = [i32, i32, p, p, p, i64, p, i64, i32], None
-    lib.yk_experts.argtypes, lib.yk_experts.restype = [i32, i32, p, i64, i64, p, i64, i64, i64, p, p, p, i32], None
+    lib.yk_linear.argtypes, lib.yk_linear.restype = [i32, i32, p, p, i32, i64, p, i32], None
+    lib.yk_experts.argtypes, lib.yk_experts.restype = [i32, i32, p, i64, i64, p, i64, i64, i64, p, i32, p, p, i32], None
     return lib
 
 
@@ -98,26 +93,17 @@ def usable(x: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, i
             and out_features % TILE == 0 and in_features % QBLOCK == 0 and group_size % QBLOCK == 0)
 
 
+@functools.lru_cache(maxsize=4096)
+def _weight_struct(w: int, sz: int, out: int, inp: int, group: int, bits: int, bf16: int, sym: int) -> _Weight:
+    return _Weight(w, sz, out, inp, group, bits, bf16, sym, 0)
+
+
 def _weight(qweight: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int, symmetric: bool) -> _Weight:
+    """The kernels' description of one matrix (cached: a decode step asks for the same ones again)."""
     groups, out = scales_and_zeros.shape[-3:-1]
     inp = qweight.shape[-1] * (2 if bits == 4 else 1)
-    return _Weight(qweight.data_ptr(), scales_and_zeros.data_ptr(), out, inp, inp // groups, bits,
-                   int(scales_and_zeros.dtype == torch.bfloat16), int(symmetric), 0)
-
-
-def _activations(x: torch.Tensor, mode: str) -> tuple[_Act, tuple]:
-    """x [rows, in] as the kernels read it, and the tensors that must outlive the call."""
-    rows, inp = x.shape
-    if mode == "float":
-        f = x.float().contiguous()
-        return _Act(0, 0, 0, f.data_ptr(), inp), (f,)
-    x = x.contiguous()
-    q = torch.empty(rows, inp, dtype=torch.int8)
-    d = torch.empty(rows, inp // QBLOCK, dtype=torch.float32)
-    s = torch.empty(rows, inp // QBLOCK, dtype=torch.int32)
-    _library().yk_quantize(x.data_ptr(), int(x.dtype == torch.bfloat16), rows, inp, q.data_ptr(), d.data_ptr(),
-                           s.data_ptr(), torch.get_num_threads())
-    return _Act(q.data_ptr(), d.data_ptr(), s.data_ptr(), 0, inp), (x, q, d, s)
+    return _weight_struct(qweight.data_ptr(), scales_and_zeros.data_ptr(), out, inp, inp // groups, bits,
+                          int(scales_and_zeros.dtype == torch.bfloat16), int(symmetric))
 
 
 def _check_mode(mode: str) -> None:
@@ -129,13 +115,11 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch.Tenso
            activations: str) -> torch.Tensor:
     """x [rows, in] @ W.T -> fp32 [rows, out] for a tiled weight (packing.py) and its scales."""
     _check_mode(activations)
-    rows = x.shape[0]
+    x = x.contiguous()
     w = _weight(qweight, scales_and_zeros, bits, symmetric)
-    act, keep = _activations(x, activations)
-    y = torch.empty(rows, w.out, dtype=torch.float32)
-    _library().yk_matmul(ISAS.index(selected()), int(activations == "float"), ctypes.byref(w), ctypes.byref(act),
-                         None, rows, y.data_ptr(), w.out, torch.get_num_threads())
-    del keep
+    y = torch.empty(x.shape[0], w.out, dtype=torch.float32)
+    _library().yk_linear(ISAS.index(selected()), int(activations == "float"), ctypes.byref(w), x.data_ptr(),
+                         int(x.dtype == torch.bfloat16), x.shape[0], y.data_ptr(), torch.get_num_threads())
     return y
 
 
@@ -143,15 +127,15 @@ def experts(x: torch.Tensor, counts: torch.Tensor, w1: tuple[torch.Tensor, torch
             w2: tuple[torch.Tensor, torch.Tensor], bits: int, symmetric: bool, activations: str) -> torch.Tensor:
     """The SwiGLU experts of one layer in one call: x [N, d] rows sorted by expert, counts [E];
     w1 = (qweight [E, 2F, ...], scales_and_zeros [E, groups, 2F, 2]), w2 likewise for [E, d, F].
-    Returns fp32 [N, d]. The rows are quantized once, the hidden activations once per expert."""
+    Returns fp32 [N, d]. The rows are prepared once, the hidden activations once per expert."""
     _check_mode(activations)
     (q1, s1), (q2, s2) = w1, w2
     a, b = _weight(q1[0], s1[0], bits, symmetric), _weight(q2[0], s2[0], bits, symmetric)
-    act, keep = _activations(x, activations)
+    x = x.contiguous()
     out = torch.empty(x.shape[0], b.out, dtype=torch.float32)
     counts = counts.to(torch.int64).contiguous()
     _library().yk_experts(ISAS.index(selected()), int(activations == "float"),
                           ctypes.byref(a), q1[0].nbytes, s1[0].nbytes, ctypes.byref(b), q2[0].nbytes, s2[0].nbytes,
-                          q1.shape[0], ctypes.byref(act), counts.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    del keep
+                          q1.shape[0], x.data_ptr(), int(x.dtype == torch.bfloat16), counts.data_ptr(),
+                          out.data_ptr(), torch.get_num_threads())
     return out

@@ -564,12 +564,48 @@ void yk_matmul(int isa, int float_mode, const yk_weight *W, const yk_act *X, con
     free(sums);
 }
 
+/* Activations as the kernels read them: int8 blocks, or fp32 rows (converted from bf16 if need be).
+ * Returns the scratch memory to free. */
+static void *make_act(const void *x, int x_bf16, int64_t rows, int64_t in, int float_mode, yk_act *act, int nt) {
+    memset(act, 0, sizeof *act);
+    act->in = in;
+    if (float_mode) {
+        if (!x_bf16) {
+            act->f = x;
+            return NULL;
+        }
+        float *f = malloc(sizeof(float) * rows * in);
+        for (int64_t i = 0; i < rows * in; i++) f[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        act->f = f;
+        return f;
+    }
+    const int64_t nblk = rows * (in / QBLOCK);
+    char *scratch = malloc(rows * in + nblk * (sizeof(float) + sizeof(int32_t)));
+    int8_t *q = (int8_t *)scratch;
+    float *d = (float *)(scratch + rows * in);
+    int32_t *s = (int32_t *)(d + nblk);
+    yk_quantize(x, x_bf16, rows, in, q, d, s, nt);
+    act->q = q, act->d = d, act->s = s;
+    return scratch;
+}
+
+/* y [rows, out] = x [rows, in] (fp32, or bf16 when x_bf16) @ W.T: activations prepared and
+ * multiplied in one call. */
+void yk_linear(int isa, int float_mode, const yk_weight *W, const void *x, int x_bf16, int64_t rows, float *y,
+               int nt) {
+    yk_act act;
+    void *scratch = make_act(x, x_bf16, rows, W->in, float_mode, &act, nt);
+    yk_matmul(isa, float_mode, W, &act, NULL, rows, y, W->out, nt);
+    free(scratch);
+}
+
 /* The experts of one MoE layer: rows of X sorted by expert (counts[e] rows for expert e), each
- * through its expert's SwiGLU: out[i] = w2_e @ (silu(a) * b), [a, b] = w1_e @ x_i. w1 / w2 describe
+ * through its expert's SwiGLU: out[i] = w2_e @ (silu(a) * b), [a, b] = w1_e @ x_i (x fp32, or bf16
+ * when x_bf16; its rows prepared once, the hidden rows once per expert). w1 / w2 describe
  * expert 0; expert e's codes lie e * *_wstride bytes further, its scales e * *_sstride bytes. */
 void yk_experts(int isa, int float_mode, const yk_weight *w1, int64_t w1_wstride, int64_t w1_sstride,
                 const yk_weight *w2, int64_t w2_wstride, int64_t w2_sstride, int64_t experts,
-                const yk_act *X, const int64_t *counts, float *out, int nt) {
+                const void *x, int x_bf16, const int64_t *counts, float *out, int nt) {
     const int64_t f2 = w1->out, f = f2 / 2, d = w2->out;
     int64_t most = 0, total = 0;
     for (int64_t e = 0; e < experts; e++) {
@@ -577,6 +613,9 @@ void yk_experts(int isa, int float_mode, const yk_weight *w1, int64_t w1_wstride
         total += counts[e];
     }
     if (!total) return;
+    yk_act xa;
+    void *xscratch = make_act(x, x_bf16, total, w1->in, float_mode, &xa, nt);
+    const yk_act *X = &xa;
     float *h = malloc(sizeof(float) * most * f2), *g = malloc(sizeof(float) * most * f);
     int8_t *gq = float_mode ? NULL : malloc(most * f);
     float *gd = float_mode ? NULL : malloc(sizeof(float) * most * (f / QBLOCK));
@@ -609,7 +648,7 @@ void yk_experts(int isa, int float_mode, const yk_weight *w1, int64_t w1_wstride
         yk_matmul(isa, float_mode, &b, &hx, rows, n, out + start * d, d, nt);
         start += n;
     }
-    free(h), free(g), free(gq), free(gd), free(gs), free(rows);
+    free(h), free(g), free(gq), free(gd), free(gs), free(rows), free(xscratch);
 }
 
 #ifdef YK_PYTHON_MODULE
