@@ -31,6 +31,13 @@ def _add_sampling_args(p, max_new_tokens: int) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="end the answer at this text")
 
 
+def _add_prefix_cache_arg(p) -> None:
+    p.add_argument("--prefix-cache-gb", type=float, default=1.0,
+                   help="keep the decoding state of recent conversations within this many GB, so that a "
+                        "prompt that repeats one (a chat's next turn, a shared system prompt) prefills only "
+                        "the rest (least recently used out first; 0 turns it off; default 1)")
+
+
 def register(sub) -> None:
     g = sub.add_parser("generate", help="continue a prompt, streaming the text to stdout")
     _add_model_args(g)
@@ -42,10 +49,12 @@ def register(sub) -> None:
     c = sub.add_parser("chat", help="interactive chat in the terminal (/reset clears the history, /exit quits)")
     _add_model_args(c)
     _add_sampling_args(c, max_new_tokens=512)
+    _add_prefix_cache_arg(c)
     c.set_defaults(func=run_chat)
 
     s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _add_model_args(s)
+    _add_prefix_cache_arg(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--model-name", help="the model id clients ask for (default: the checkpoint folder name)")
@@ -116,8 +125,13 @@ def run_generate(args) -> int:
 def run_chat(args) -> int:
     from .engine import Request, encode_prompt, run_requests
 
+    from .prefix_cache import PrefixCache
+
     params = _params(args)
+    prefix_cache = PrefixCache.from_gb(args.prefix_cache_gb)  # checked before the model loads
     model, tokenizer = load(args)
+    if prefix_cache is not None:
+        prefix_cache.stop_token_ids = (tokenizer.eod_id,)
     context = model.config.max_position_embeddings
     print("chat with the model; /reset clears the history, /exit quits", file=sys.stderr)
     history: list[dict] = []
@@ -147,7 +161,7 @@ def run_chat(args) -> int:
         request = Request(ids, params, chat=True)
         sys.stdout.write("yuan> ")
         try:
-            for event in run_requests(model, tokenizer, [request]):
+            for event in run_requests(model, tokenizer, [request], prefix_cache):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:  # stop this answer, keep the chat
@@ -164,6 +178,8 @@ def check_serve_args(args) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.prefix_cache_gb < 0:
+        raise ValueError(f"--prefix-cache-gb must not be negative, got {args.prefix_cache_gb}")
     if args.api_key == "":
         raise ValueError("--api-key (or YUAN_API_KEY) is empty; give a key, or unset it to serve without one")
 
@@ -178,6 +194,7 @@ def run_serve(args) -> int:
     name = args.model_name or Path(args.checkpoint).resolve().name
     app = create_app(model, tokenizer, name, max_tokens_cap=args.max_tokens_cap,
                      max_batch_size=args.max_batch_size, api_key=args.api_key, max_prompts=args.max_prompts,
-                     max_queued_tokens=args.max_queued_tokens, continuous=args.batching == "continuous")
+                     max_queued_tokens=args.max_queued_tokens, continuous=args.batching == "continuous",
+                     prefix_cache_gb=args.prefix_cache_gb)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

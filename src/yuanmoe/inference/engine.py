@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .chat import format_chat
 from .generate import BatchDecoder
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 from .text import TextStream
 
@@ -36,8 +37,9 @@ class RunningBatch:
     by a token and returns their events: new text, and one final event per request. An event's
     index is the request's sequence number, which `add` returns."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer = model, tokenizer
+        self.prefix_cache = prefix_cache  # shared by the batches of a chat or a server
         self.decoder: BatchDecoder | None = None
         self.requests: dict[int, Request] = {}  # the running ones, by sequence number
         self.streams: dict[int, TextStream] = {}
@@ -47,8 +49,14 @@ class RunningBatch:
         them); they produce tokens from the next step. Returns their sequence numbers."""
         prompts, params = [r.prompt_ids for r in requests], [r.params for r in requests]
         if self.decoder is None or self.decoder.done:
-            self.decoder = BatchDecoder(self.model, prompts, params, stop_token_ids=(self.tokenizer.eod_id,))
-            seqs = list(range(len(requests)))
+            stop, cache = (self.tokenizer.eod_id,), self.prefix_cache
+            if cache is None:
+                self.decoder = BatchDecoder(self.model, prompts, params, stop_token_ids=stop)
+                seqs = list(range(len(requests)))
+            else:  # the first prompt starts the batch from its cached prefix, if any; the rest join it
+                self.decoder = BatchDecoder(self.model, prompts[:1], params[:1], stop, prefix_cache=cache,
+                                            prefix=cache.lookup(prompts[0]))
+                seqs = [0] + (self.decoder.add(prompts[1:], params[1:]) if len(prompts) > 1 else [])
         else:
             seqs = self.decoder.add(prompts, params)
         for seq, r in zip(seqs, requests):
@@ -82,10 +90,11 @@ class RunningBatch:
         return events
 
 
-def run_requests(model, tokenizer, requests: list[Request]) -> Iterator[TextEvent]:
+def run_requests(model, tokenizer, requests: list[Request],
+                 prefix_cache: PrefixCache | None = None) -> Iterator[TextEvent]:
     """Decode the requests as one batch, yielding their text as it appears and one final event each
     (an event's index is the request's position in `requests`)."""
-    batch = RunningBatch(model, tokenizer)
+    batch = RunningBatch(model, tokenizer, prefix_cache)
     batch.add(requests)
     while batch.requests:
         yield from batch.step()

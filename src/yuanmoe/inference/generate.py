@@ -19,6 +19,7 @@ import functools
 import torch
 
 from ..model import DecodeCache
+from .prefix_cache import PrefixCache
 from .sampling import BatchSampler, SamplingParams
 
 # Decode slots a batch's cache starts with beyond its prompts; it doubles whenever they run out (up
@@ -54,7 +55,8 @@ class BatchDecoder:
     """
 
     def __init__(self, model, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 stop_token_ids: tuple[int, ...] | None = None, compile: bool = False):
+                 stop_token_ids: tuple[int, ...] | None = None, compile: bool = False,
+                 prefix_cache: PrefixCache | None = None, prefix: tuple[dict, int] | None = None):
         if not prompts:
             raise ValueError("no prompts to decode")
         if isinstance(params, SamplingParams):
@@ -67,7 +69,15 @@ class BatchDecoder:
             check_prompt_length(len(ids), context)
             check_token_ids(ids, config.vocab_size)
         self.model = model
+        self.compile = compile
         self._decode_step = compiled_decode_step() if compile else decode_step
+        # With a prefix cache, finished sequences leave their state to it; `prefix` (state, n) from its
+        # lookup starts a single prompt from its first n tokens' state.
+        self.prefix_cache = prefix_cache
+        self.prompts = [list(ids) for ids in prompts]
+        if prefix is not None and len(prompts) != 1:
+            raise ValueError("a reused prefix starts a single prompt")
+        prefix, reused = prefix if prefix is not None else (None, 0)
         self.stop_token_ids = (set(stop_token_ids) if stop_token_ids is not None
                                else {config.eod_token_id})
         self.budgets = [min(p.max_new_tokens, context - len(ids)) for p, ids in zip(params, prompts)]
@@ -84,13 +94,17 @@ class BatchDecoder:
         cache_config = (config if self.slots_needed <= context
                         else config.replace(max_position_embeddings=self.slots_needed))
         self.cache = DecodeCache(cache_config, len(prompts), min(self.slots_needed, width + FIRST_DECODE_SLOTS),
-                                 model.dtype, device)
+                                 model.dtype, device, keep_inputs=prefix_cache is not None)
         self.slots_written = width
+        if reused:
+            self.cache.load_prefix(prefix, reused)
+            prompts = [prompts[0][reused:]]
+            width -= reused
         input_ids = torch.full((len(prompts), width), config.pad_token_id, dtype=torch.long)
         positions = torch.zeros(len(prompts), width, dtype=torch.long)
         for row, ids in enumerate(prompts):
             input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            positions[row, width - len(ids):] = torch.arange(len(ids))
+            positions[row, width - len(ids):] = torch.arange(reused, reused + len(ids))
         with torch.inference_mode():
             self._logits = model(input_ids.to(device), position_ids=positions.to(device),
                                  cache=self.cache, logits_to_keep=1).logits[:, -1]
@@ -102,14 +116,29 @@ class BatchDecoder:
         """Start more sequences while the batch runs: checked and prefilled now, in a forward of their
         own (a bad prompt raises here and changes nothing), they join the batch at the next `step()`.
         Returns their sequence numbers."""
-        joining = BatchDecoder(self.model, prompts, params, tuple(self.stop_token_ids))
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling settings")
+        # With a prefix cache, each prompt that reuses a prefix is prefilled on its own (from its own
+        # prefix length), the others together; all join at the next step.
+        found = [self.prefix_cache.lookup(ids) if self.prefix_cache is not None else (None, 0) for ids in prompts]
+        hits = [i for i, (_, n) in enumerate(found) if n]
+        groups = [([i], found[i]) for i in hits] + [([i for i in range(len(prompts)) if i not in hits], None)]
+        joiners = [(g, BatchDecoder(self.model, [prompts[i] for i in g], [params[i] for i in g],
+                                    tuple(self.stop_token_ids), prefix_cache=self.prefix_cache, prefix=prefix))
+                   for g, prefix in groups if g]  # all prefilled before any is added: a bad prompt changes nothing
         first = len(self.finish_reasons)
-        joining.rows = list(range(first, first + len(prompts)))
-        self.budgets += joining.budgets
-        self.generated += joining.generated
-        self.finish_reasons += joining.finish_reasons
-        self._joining.append(joining)
-        return joining.rows
+        self.budgets += [0] * len(prompts)
+        self.generated += [[] for _ in prompts]
+        self.finish_reasons += [None] * len(prompts)
+        self.prompts += [list(ids) for ids in prompts]
+        for group, joining in joiners:
+            joining.rows = [first + i for i in group]
+            for i, seq in zip(group, joining.rows):
+                self.budgets[seq] = joining.budgets[group.index(i)]
+            self._joining.append(joining)
+        return list(range(first, first + len(prompts)))
 
     def forget(self, seq: int) -> None:
         """Drop the tokens kept for a finished sequence; a batch that others keep joining lives long."""
@@ -124,6 +153,8 @@ class BatchDecoder:
         """End sequence `seq` now; its row leaves the batch before the next forward."""
         if self.finish_reasons[seq] is None:
             self.finish_reasons[seq] = reason
+            if self.prefix_cache is not None and seq in self.rows:
+                self._remember(self.rows.index(seq), seq)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, int]]:
@@ -155,6 +186,7 @@ class BatchDecoder:
         keep = [i for i, seq in enumerate(self.rows) if self.finish_reasons[seq] is None]
         if len(keep) == len(self.rows):
             return
+
         index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
         self.rows = [self.rows[i] for i in keep]
         self.sampler.keep(index)
@@ -166,6 +198,17 @@ class BatchDecoder:
             if self._joined:  # slots only the rows that left attended to: drop them once they add up
                 self.slots_written -= self.cache.trim(min_slots=self.cache.max_len // 4)
                 self._update_slots_needed()
+
+    def _remember(self, row: int, seq: int) -> None:
+        """Give the prefix cache the state of a finished sequence: its prompt and the answer tokens
+        fed back (all but the last), when they are one document and fit its budget."""
+        fed = self.prompts[seq] + self.generated[seq][:-1]
+        if any(t in self.stop_token_ids for t in fed) or len(fed) > int(self.cache.length):
+            return  # several documents (or slots trimmed away): not a prefix another prompt can reuse
+        cache = self.cache
+        per_token = sum(t[0, :, 0].nbytes for name in ("k", "v", "inputs") for t in getattr(cache, name))
+        if len(fed) * per_token <= self.prefix_cache.max_bytes:
+            self.prefix_cache.store(fed, cache.row_state(row, len(fed)))
 
     def _merge_joining(self) -> None:
         """Append the joining sequences' cache rows, sampler rows and next-token logits to the batch."""

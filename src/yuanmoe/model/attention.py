@@ -142,7 +142,7 @@ class LocalizedFilteringAttention(nn.Module):
         k = apply_rope(self.k_proj(f).view(heads).transpose(1, 2), *rope)
         v = self.v_proj(x).view(heads).transpose(1, 2)
         if cache is not None:
-            cache.update_lfa(self.layer_idx, new_state)
+            cache.update_lfa(self.layer_idx, new_state, x)
             k, v = cache.update(self.layer_idx, k, v)
             if mask is None:
                 k, v = k[:, :, :s], v[:, :, :s]

@@ -12,12 +12,18 @@ import torch
 from ..config import YuanConfig
 
 
+SLOTTED = ("k", "v", "inputs")  # the per-layer tensors indexed by cache slot (dim 2)
+
+
 class DecodeCache:
     """Static decoding state for a batch of sequences that advance together.
 
     k, v:   per layer [batch, heads, max_len, head_dim], written in place, never concatenated.
     lfa:    per layer [batch, 2, hidden], the filter inputs x[t-2], x[t-1] of the next token
             (zeros where they belong to no document of that row).
+    inputs: per layer [batch, 1, max_len, hidden] every token's LFA input, only with
+            `keep_inputs` (a prefix cache's source: from them the filter state at any position can
+            be rebuilt), written at the same slots as k and v; else an empty list.
     valid:  [batch, max_len], which cached keys the next tokens may attend to: those of each row's
             current document (so left padding and earlier packed documents are never seen).
     next_position: [batch] the position id of each row's next token.
@@ -27,7 +33,7 @@ class DecodeCache:
     """
 
     def __init__(self, config: YuanConfig, batch_size: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", keep_inputs: bool = False):
         if max_len > config.max_position_embeddings:
             raise ValueError(f"cache length {max_len} exceeds the model's context "
                              f"({config.max_position_embeddings} positions)")
@@ -39,6 +45,8 @@ class DecodeCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
         self.lfa = [torch.zeros(batch_size, 2, config.hidden_size, dtype=dtype, device=device) for _ in layers]
+        self.inputs = [torch.zeros(batch_size, 1, max_len, config.hidden_size, dtype=dtype, device=device)
+                       for _ in layers] if keep_inputs else []
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.length = torch.zeros((), dtype=torch.long, device=device)
@@ -68,8 +76,11 @@ class DecodeCache:
         """[b, 2, hidden] the two filter inputs before the next token of `layer`."""
         return self.lfa[layer]
 
-    def update_lfa(self, layer: int, state: torch.Tensor) -> None:
+    def update_lfa(self, layer: int, state: torch.Tensor, x: torch.Tensor) -> None:
+        """The filter state after the new tokens x [b, s, hidden] (whose inputs are kept, if asked)."""
         self.lfa[layer].copy_(state)
+        if self.inputs:
+            self.inputs[layer].index_copy_(2, self.slots(x.shape[1]), x.unsqueeze(1))
 
     def advance(self, position_ids: torch.Tensor) -> None:
         """Account for the tokens just written ([b, s] positions; 0 starts a document): a row
@@ -88,8 +99,9 @@ class DecodeCache:
         extra = max_len - self.max_len
         if extra <= 0:
             return
-        self.k = [torch.cat([k, k.new_zeros(*k.shape[:2], extra, k.shape[3])], dim=2) for k in self.k]
-        self.v = [torch.cat([v, v.new_zeros(*v.shape[:2], extra, v.shape[3])], dim=2) for v in self.v]
+        for name in SLOTTED:
+            setattr(self, name, [torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+                                 for t in getattr(self, name)])
         self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch_size, extra)], dim=1)
 
     def append_rows(self, other: "DecodeCache") -> None:
@@ -108,7 +120,7 @@ class DecodeCache:
             out.narrow(dim, length - written, written).copy_(t.narrow(dim, 0, written))
             return out
 
-        for name in ("k", "v"):
+        for name in SLOTTED:
             setattr(self, name, [torch.cat([aligned(a, mine, 2), aligned(b, theirs, 2)])
                                  for a, b in zip(getattr(self, name), getattr(other, name))])
         self.lfa = [torch.cat([a, b]) for a, b in zip(self.lfa, other.lfa)]
@@ -123,7 +135,7 @@ class DecodeCache:
         used = self.valid.any(dim=0)
         first = int(used.int().argmax()) if bool(used.any()) else int(self.length)
         if first >= max(min_slots, 1):
-            for name in ("k", "v"):
+            for name in SLOTTED:
                 setattr(self, name, [t[:, :, first:].clone() for t in getattr(self, name)])
             self.valid = self.valid[:, first:].clone()
             self.length.sub_(first)
@@ -132,7 +144,34 @@ class DecodeCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the rows in `index` (in that order), e.g. to drop finished sequences."""
-        for name in ("k", "v", "lfa"):
+        for name in (*SLOTTED, "lfa"):
             setattr(self, name, [t.index_select(0, index) for t in getattr(self, name)])
         self.valid = self.valid.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
+
+    def row_state(self, row: int, num_tokens: int) -> dict[str, list[torch.Tensor]]:
+        """Copies of what row `row` holds for its last `num_tokens` written slots (its sequence, when
+        that is one document): per layer k, v [heads, n, head_dim] and inputs [n, hidden]."""
+        end = int(self.length)
+        start = end - num_tokens
+        return {"k": [t[row, :, start:end].clone() for t in self.k], "v": [t[row, :, start:end].clone() for t in self.v],
+                "inputs": [t[row, 0, start:end].clone() for t in self.inputs]}
+
+    def load_prefix(self, state: dict[str, list[torch.Tensor]], num_tokens: int) -> None:
+        """Start every row (an empty cache) from the first `num_tokens` tokens of one document whose
+        state row_state gave: their keys and values, their inputs if kept, and the filter state at
+        their end (the inputs of the last two tokens; zeros before the first)."""
+        n = num_tokens
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :n] = state["k"][layer][:, :n]
+            self.v[layer][:, :, :n] = state["v"][layer][:, :n]
+            x = state["inputs"][layer]
+            if self.inputs:
+                self.inputs[layer][:, 0, :n] = x[:n]
+            self.lfa[layer].zero_()
+            self.lfa[layer][:, 1] = x[n - 1]
+            if n >= 2:
+                self.lfa[layer][:, 0] = x[n - 2]
+        self.valid[:, :n] = True
+        self.next_position.fill_(n)
+        self.length.fill_(n)

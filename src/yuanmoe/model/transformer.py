@@ -167,6 +167,6 @@ class YuanForCausalLM(nn.Module):
             raise ValueError(f"sequence of {used} tokens exceeds the cache ({cache.max_len})")
         return bool(one_document)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> DecodeCache:
+    def new_cache(self, batch_size: int, max_len: int | None = None, keep_inputs: bool = False) -> DecodeCache:
         return DecodeCache(self.config, batch_size, max_len or self.config.max_position_embeddings,
-                           self.dtype, self.device)
+                           self.dtype, self.device, keep_inputs)

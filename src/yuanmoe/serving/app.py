@@ -27,6 +27,7 @@ from ..inference.chat import format_chat
 from ..inference.engine import Request
 from ..inference.generate import check_prompt_length
 from ..inference.sampling import SamplingParams
+from ..inference.prefix_cache import PrefixCache
 from .metrics import Metrics
 from .scheduler import GenerationError, Scheduler, ServerBusy
 
@@ -97,18 +98,27 @@ class ChatBody(_Sampling):
 
 def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = None,
                max_batch_size: int = 8, api_key: str | None = None, max_prompts: int = 64,
-               max_queued_tokens: int | None = None, continuous: bool = True) -> FastAPI:
+               max_queued_tokens: int | None = None, continuous: bool = True,
+               prefix_cache_gb: float = 0.0) -> FastAPI:
     """The app for one model. `max_tokens_cap` bounds max_tokens (default: the model's context);
     `api_key`, if given, must come with every request but /health as `Authorization: Bearer KEY`;
     `max_prompts` bounds the prompts of one completion request, `max_queued_tokens` (default: four
-    full batches of the whole context) the work queued at once; `continuous=False` batches statically."""
+    full batches of the whole context) the work queued at once; `continuous=False` batches statically;
+    `prefix_cache_gb` keeps served sequences' state for prompts that repeat them (0: off)."""
     context = model.config.max_position_embeddings
     cap = max_tokens_cap or context
     max_queued_tokens = max_queued_tokens or 4 * max_batch_size * context
     metrics = Metrics()
     metrics.counter("http_requests_total", "HTTP requests answered, by route and status")
+    prefix_cache = PrefixCache.from_gb(prefix_cache_gb, (tokenizer.eod_id,))
+    if prefix_cache is not None:
+        for name, help in (("hits", "prompts that started from a cached prefix"),
+                           ("lookups", "prompts looked up in the prefix cache"),
+                           ("tokens_reused", "prompt tokens taken from the prefix cache instead of prefilled"),
+                           ("bytes", "bytes the prefix cache holds"), ("entries", "sequences the prefix cache holds")):
+            metrics.gauge(f"prefix_cache_{name}", help, lambda name=name: prefix_cache.stats()[name])
     scheduler = Scheduler(model, tokenizer, max_batch_size=max_batch_size, continuous=continuous,
-                          max_queued_tokens=max_queued_tokens, metrics=metrics)
+                          max_queued_tokens=max_queued_tokens, metrics=metrics, prefix_cache=prefix_cache)
 
     @asynccontextmanager
     async def lifespan(_app):

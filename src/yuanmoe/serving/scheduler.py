@@ -51,7 +51,8 @@ class _Job:
 
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait_s: float = 0.01,
-                 continuous: bool = True, max_queued_tokens: int | None = None, metrics: Metrics | None = None):
+                 continuous: bool = True, max_queued_tokens: int | None = None, metrics: Metrics | None = None,
+                 prefix_cache=None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.model = model
@@ -70,6 +71,7 @@ class Scheduler:
         self.finished: Counter[str] = Counter()  # requests finished so far, by finish reason
         self.batch_sizes: Counter[int] = Counter()  # decode steps run so far, by number of requests in them
         self.metrics = metrics or Metrics()
+        self.prefix_cache = prefix_cache  # inference.prefix_cache.PrefixCache, shared by every batch
         m = self.metrics
         m.gauge("requests_waiting", "requests queued and not yet started", lambda: self.waiting)
         m.gauge("requests_running", "requests in the running batch", lambda: self.running)
@@ -127,7 +129,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ worker thread
     def _work(self) -> None:
-        batch = RunningBatch(self.model, self.tokenizer)
+        batch = RunningBatch(self.model, self.tokenizer, self.prefix_cache)
         running: dict[int, _Job] = {}  # by sequence number in the batch
         while True:
             if not self._collect(block=not running and not self._pending):
@@ -145,7 +147,7 @@ class Scheduler:
                 for job in running.values():
                     self._fail(job, exc)
                 running.clear()
-                batch = RunningBatch(self.model, self.tokenizer)
+                batch = RunningBatch(self.model, self.tokenizer, self.prefix_cache)
                 continue
             # One delivery per caller per step: each wakes the caller's event loop, which the
             # generation thread then competes with for the GIL.
