@@ -4,7 +4,7 @@ Writes a random-weight quantized folder of M32 with --layers layers (int4 group 
 the int8 head, as `yuan quantize` writes them), loads it in a fresh process per thread count, brings
 every weight page into memory, and measures time to first token (one prefill of each --prompts
 length) and decode tok/s at batch 1, feeding random tokens so that the routing spreads over the
-experts as real text does. Where llama.cpp's `llama-bench` is found (--llama-bench, $LLAMA_BENCH
+experts as real text does (YUANMOE_CPU_KERNEL=avx2 runs another kernel than this CPU's best). Where llama.cpp's `llama-bench` is found (--llama-bench, $LLAMA_BENCH
 or PATH) and the same-shape GGUF exists (--gguf; ../shared/tools/llamacpp_anchor/ says how to build
 both), it runs llama-bench at the same bits, layers and threads right after, and prints each side's
 tok/s and the ratio project / llama.cpp. Without it, the project's side and this machine's
@@ -32,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from m32_full import active_bytes, random_groups, weight_read_line  # noqa: E402
 
 
-def child(folder: str, threads: int, prompts: list[int], new_tokens: int) -> None:
+def child(folder: str, threads: int, prompts: list[int], new_tokens: int, dtype: str) -> None:
     """In a fresh process: load, touch every weight page, time each prefill and then decoding."""
     torch.set_num_threads(threads)
     from yuanmoe import from_pretrained
     from yuanmoe.quant import kernels
 
-    model = from_pretrained(folder)
+    model = from_pretrained(folder, dtype=dtype)
     for t in [*model.buffers(), *model.parameters()]:
         t.detach().flatten().view(torch.uint8)[::4096].sum()  # one byte of every 4 KiB page
     vocab = model.config.vocab_size
@@ -85,11 +85,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--llama-bench", default=os.environ.get("LLAMA_BENCH") or shutil.which("llama-bench"))
     parser.add_argument("--gguf", help="the same-shape GGUF (make_gguf.py --type q4_0/q8_0 --layers N)")
+    parser.add_argument("--dtype", default="auto", help="the model's activations (auto: as from_pretrained)")
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to write the folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.threads[0], args.prompts, args.new_tokens)
+        return child(args.child, args.threads[0], args.prompts, args.new_tokens, args.dtype)
 
     from yuanmoe import preset
     from yuanmoe.device import cpu_flags
@@ -114,7 +115,8 @@ def main() -> None:
         for threads in args.threads:
             line = max(weight_read_line(threads).values())
             out = subprocess.run([sys.executable, __file__, "--child", str(folder), "--threads", str(threads),
-                                  "--new-tokens", str(args.new_tokens), "--prompts", *map(str, args.prompts)],
+                                  "--new-tokens", str(args.new_tokens), "--dtype", args.dtype,
+                                  "--prompts", *map(str, args.prompts)],
                                  capture_output=True, text=True)
             if out.returncode:
                 sys.exit(f"the decoding process failed:\n{out.stderr[-3000:]}")
