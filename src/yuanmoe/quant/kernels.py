@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
 
 import torch
@@ -40,9 +41,7 @@ class _Weight(ctypes.Structure):
 def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where `pip install -e .` could not build them."""
     try:
-        from . import _qkernels
-
-        lib = ctypes.CDLL(_qkernels.__file__)
+        lib = ctypes.CDLL(importlib.import_module(f"{__package__}._qkernels").__file__)
     except (ImportError, OSError):
         return None
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int

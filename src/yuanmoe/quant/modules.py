@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
+from .kernels import ACTIVATIONS, experts, linear, usable
 from .packing import BITS, COLUMNS, TILE, dequantize, pack_tiles, quantize_groups, unpack_tiles
 
 KERNELS = True  # tests switch the kernels off to run the pure-PyTorch path
@@ -58,7 +58,7 @@ def quantize_weight(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
 
 def _kernel_ok(x: torch.Tensor, scales_and_zeros: torch.Tensor, out_features: int, in_features: int) -> bool:
-    return KERNELS and kernels.usable(x, scales_and_zeros, out_features, in_features,
+    return KERNELS and usable(x, scales_and_zeros, out_features, in_features,
                                       in_features // scales_and_zeros.shape[-3])
 
 
@@ -67,7 +67,7 @@ def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scales_and_zeros: torch
     """x [rows, in] @ dequantize(qweight, scales_and_zeros).T -> [rows, out] in x's dtype."""
     out_features = scales_and_zeros.shape[-2]
     if _kernel_ok(x, scales_and_zeros, out_features, x.shape[1]):
-        return kernels.linear(x, qweight, scales_and_zeros, bits, symmetric, activations).to(x.dtype)
+        return linear(x, qweight, scales_and_zeros, bits, symmetric, activations).to(x.dtype)
     return F.linear(x, dequantize(unpack_codes(qweight, bits), scales_and_zeros, bits, x.dtype, symmetric))
 
 
@@ -77,8 +77,8 @@ def _is_symmetric(scales_and_zeros: torch.Tensor) -> bool:
 
 def set_activations(model: nn.Module, activations: str) -> None:
     """How every quantized module of `model` feeds the CPU kernels: "int8" or "float" (exact)."""
-    if activations not in kernels.ACTIVATIONS:
-        raise ValueError(f"unknown activations {activations!r}; use one of {', '.join(kernels.ACTIVATIONS)}")
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"unknown activations {activations!r}; use one of {', '.join(ACTIVATIONS)}")
     for module in model.modules():
         if isinstance(module, (QuantLinear, QuantExperts)):
             module.activations = activations
@@ -155,7 +155,7 @@ class QuantExperts(nn.Module):
         hidden = self.w2_scales_and_zeros.shape[-2]
         if _kernel_ok(h, self.w1_scales_and_zeros, self.w1_scales_and_zeros.shape[-2], h.shape[1]) and \
                 _kernel_ok(h, self.w2_scales_and_zeros, hidden, self.w2_qweight.shape[-1] * (2 if self.bits == 4 else 1)):
-            return kernels.experts(h, counts, (self.w1_qweight, self.w1_scales_and_zeros),
+            return experts(h, counts, (self.w1_qweight, self.w1_scales_and_zeros),
                                    (self.w2_qweight, self.w2_scales_and_zeros), self.bits, self.symmetric,
                                    self.activations).to(x.dtype)
         out = h.new_empty(h.shape[0], hidden)
