@@ -42,12 +42,13 @@ def _library() -> ctypes.CDLL | None:
     """The compiled kernels, or None where `pip install -e .` could not build them."""
     try:
         lib = ctypes.CDLL(importlib.import_module(f"{__package__}._qkernels").__file__)
-    except (ImportError, OSError):
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.yk_isa_supported.argtypes, lib.yk_isa_supported.restype = [i32], i32
+        lib.yk_linear.argtypes, lib.yk_linear.restype = [i32, i32, p, p, i32, i64, p, i32], None
+        lib.yk_experts.argtypes, lib.yk_experts.restype = [i32, i32, p, i64, i64, p, i64, i64, i64, p, i32, p, p,
+                                                           i32], None
+    except (ImportError, OSError, AttributeError):  # not built, or built from an older source (no such symbol)
         return None
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.yk_isa_supported.argtypes, lib.yk_isa_supported.restype = [i32], i32
-    lib.yk_linear.argtypes, lib.yk_linear.restype = [i32, i32, p, p, i32, i64, p, i32], None
-    lib.yk_experts.argtypes, lib.yk_experts.restype = [i32, i32, p, i64, i64, p, i64, i64, i64, p, i32, p, p, i32], None
     return lib
 
 
