@@ -70,6 +70,7 @@ def main() -> None:
 
     print(f"model: {args.checkpoint or args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters), {args.threads} thread(s)")
+    serve(model, text(args.question), 2, None)  # warm-up: the process's first forwards are slower
     cache = PrefixCache(int(args.gb * 1e9), (config.eod_token_id,))
     history: list[int] = []
     print(f"{'turn':>4} {'prompt':>7} {'reused':>7} {'TTFT cached':>12} {'TTFT plain':>11} {'ratio':>6}")
