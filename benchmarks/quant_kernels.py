@@ -3,7 +3,7 @@
 For x [rows, in] @ W.T in bf16: the dense bf16 weight (the baseline), then int4 (group 128) and
 int8 (one scale per row) through every kernel this CPU runs (avx512-vnni, avx2, scalar; int8 and
 float activations) and the pure-PyTorch dequantize + matmul path (`torch`). Prints milliseconds and
-GB/s of the stored weight, and this machine's weight-read line (an int64 sum over 1 GiB) measured
+GB/s of the stored weight, the speed-up over the dense bf16 matmul, and this machine's weight-read line (an int64 sum over 1 GiB) measured
 in the same run. Each path calls copies of its weight in turn (256 MiB in all), so weights come
 from memory, not from the caches, as in decoding.
 
@@ -68,7 +68,7 @@ def main() -> None:
         ([("torch", "-")] if "torch" in names else [])
     torch.manual_seed(0)
     print(f"threads {args.threads}; {kernels.describe()}; read line {read_line():.1f} GB/s")
-    print("ms (GB/s of the stored weight)")
+    print("ms per call, GB/s of the stored weight, and speed relative to the dense bf16 matmul")
     for label, (out, inp) in SHAPES.items():
         linear = torch.nn.Linear(inp, out, bias=False).to(torch.bfloat16)
         dense = copies(linear, out * inp * 2)
@@ -78,10 +78,11 @@ def main() -> None:
             nbytes[bits] = layer.qweight.nbytes + layer.scales_and_zeros.nbytes
             layers[bits] = copies(layer, nbytes[bits])
         print(f"\n{label}")
-        print(f"{'rows':>5} {'bf16':>15} " + " ".join(f"{f'int{b} {k}/{a}':>26}" for b in (4, 8) for k, a in paths))
+        print(f"{'rows':>5} {'path':<24} {'ms':>8} {'GB/s':>6} {'x bf16':>7}")
         for rows in args.rows:
             x = torch.randn(rows, inp, dtype=torch.bfloat16)
-            cells = [(best_ms(dense, x, args.repeat), out * inp * 2)]
+            base = best_ms(dense, x, args.repeat)
+            print(f"{rows:>5} {'bf16 dense':<24} {base:>8.2f} {out * inp * 2 / base / 1e6:>6.1f} {1:>7.2f}")
             for bits in (4, 8):
                 for kernel, activations in paths:
                     os.environ[kernels.KERNEL_ENV] = "scalar" if kernel == "torch" else kernel
@@ -89,10 +90,10 @@ def main() -> None:
                     modules.KERNELS = kernel != "torch"
                     for m in layers[bits]:
                         m.activations = activations if activations != "-" else "int8"
-                    cells.append((best_ms(layers[bits], x, args.repeat), nbytes[bits]))
+                    ms = best_ms(layers[bits], x, args.repeat)
+                    name = f"int{bits} {kernel}" + (f"/{activations}" if activations != "-" else "")
+                    print(f"{rows:>5} {name:<24} {ms:>8.2f} {nbytes[bits] / ms / 1e6:>6.1f} {base / ms:>7.2f}")
             modules.KERNELS = True
-            print(f"{rows:>5} " + " ".join(f"{ms:>8.2f} ({n / ms / 1e6:5.1f})" + " " * (0 if i == 0 else 11)
-                                          for i, (ms, n) in enumerate(cells)))
     os.environ.pop(kernels.KERNEL_ENV, None)
     kernels.selected.cache_clear()
 

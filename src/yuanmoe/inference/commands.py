@@ -124,7 +124,6 @@ def run_generate(args) -> int:
 
 def run_chat(args) -> int:
     from .engine import Request, encode_prompt, run_requests
-
     from .prefix_cache import PrefixCache
 
     params = _params(args)
@@ -172,14 +171,15 @@ def run_chat(args) -> int:
 
 def check_serve_args(args) -> None:
     """The server's numbers, checked before the model loads."""
+    from .prefix_cache import PrefixCache
+
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
     for name in ("max_batch_size", "max_tokens_cap", "max_prompts", "max_queued_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if args.prefix_cache_gb < 0:
-        raise ValueError(f"--prefix-cache-gb must not be negative, got {args.prefix_cache_gb}")
+    PrefixCache.from_gb(args.prefix_cache_gb)  # refuses a negative or infinite budget
     if args.api_key == "":
         raise ValueError("--api-key (or YUAN_API_KEY) is empty; give a key, or unset it to serve without one")
 

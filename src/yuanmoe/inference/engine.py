@@ -54,9 +54,10 @@ class RunningBatch:
                 self.decoder = BatchDecoder(self.model, prompts, params, stop_token_ids=stop)
                 seqs = list(range(len(requests)))
             else:  # the first prompt starts the batch from its cached prefix, if any; the rest join it
-                self.decoder = BatchDecoder(self.model, prompts[:1], params[:1], stop, prefix_cache=cache,
-                                            prefix=cache.lookup(prompts[0]))
-                seqs = [0] + (self.decoder.add(prompts[1:], params[1:]) if len(prompts) > 1 else [])
+                decoder = BatchDecoder(self.model, prompts[:1], params[:1], stop, prefix_cache=cache,
+                                       prefix=cache.lookup(prompts[0]))
+                seqs = [0] + (decoder.add(prompts[1:], params[1:]) if len(prompts) > 1 else [])
+                self.decoder = decoder  # only now: a bad prompt among the rest leaves no orphan running
         else:
             seqs = self.decoder.add(prompts, params)
         for seq, r in zip(seqs, requests):

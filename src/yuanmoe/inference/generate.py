@@ -69,7 +69,6 @@ class BatchDecoder:
             check_prompt_length(len(ids), context)
             check_token_ids(ids, config.vocab_size)
         self.model = model
-        self.compile = compile
         self._decode_step = compiled_decode_step() if compile else decode_step
         # With a prefix cache, finished sequences leave their state to it; `prefix` (state, n) from its
         # lookup starts a single prompt from its first n tokens' state.
@@ -144,6 +143,7 @@ class BatchDecoder:
         """Drop the tokens kept for a finished sequence; a batch that others keep joining lives long."""
         if self.finish_reasons[seq] is not None:
             self.generated[seq] = []
+            self.prompts[seq] = []
 
     @property
     def done(self) -> bool:
@@ -186,7 +186,6 @@ class BatchDecoder:
         keep = [i for i, seq in enumerate(self.rows) if self.finish_reasons[seq] is None]
         if len(keep) == len(self.rows):
             return
-
         index = torch.tensor(keep, dtype=torch.long, device=self.model.device)
         self.rows = [self.rows[i] for i in keep]
         self.sampler.keep(index)
@@ -205,10 +204,8 @@ class BatchDecoder:
         fed = self.prompts[seq] + self.generated[seq][:-1]
         if any(t in self.stop_token_ids for t in fed) or len(fed) > int(self.cache.length):
             return  # several documents (or slots trimmed away): not a prefix another prompt can reuse
-        cache = self.cache
-        per_token = sum(t[0, :, 0].nbytes for name in ("k", "v", "inputs") for t in getattr(cache, name))
-        if len(fed) * per_token <= self.prefix_cache.max_bytes:
-            self.prefix_cache.store(fed, cache.row_state(row, len(fed)))
+        if self.cache.row_bytes(len(fed)) <= self.prefix_cache.max_bytes:  # else not even copied
+            self.prefix_cache.store(fed, self.cache.row_state(row, len(fed)))
 
     def _merge_joining(self) -> None:
         """Append the joining sequences' cache rows, sampler rows and next-token logits to the batch."""

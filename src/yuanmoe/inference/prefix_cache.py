@@ -16,6 +16,7 @@ state is the one the model computed for those tokens.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -47,8 +48,8 @@ class PrefixCache:
     @classmethod
     def from_gb(cls, gb: float, stop_token_ids: tuple[int, ...] = ()) -> "PrefixCache | None":
         """A cache of `gb` GB, or None for 0 (off)."""
-        if gb < 0:
-            raise ValueError(f"--prefix-cache-gb must not be negative, got {gb}")
+        if not math.isfinite(gb) or gb < 0:
+            raise ValueError(f"--prefix-cache-gb must be a number of GB, 0 or more, got {gb}")
         return cls(int(gb * 1e9), stop_token_ids) if gb > 0 else None
 
     def __len__(self) -> int:

@@ -157,6 +157,10 @@ class DecodeCache:
         return {"k": [t[row, :, start:end].clone() for t in self.k], "v": [t[row, :, start:end].clone() for t in self.v],
                 "inputs": [t[row, 0, start:end].clone() for t in self.inputs]}
 
+    def row_bytes(self, num_tokens: int) -> int:
+        """What row_state copies for `num_tokens` slots."""
+        return num_tokens * sum(t[0, :, 0].nbytes for name in SLOTTED for t in getattr(self, name))
+
     def load_prefix(self, state: dict[str, list[torch.Tensor]], num_tokens: int) -> None:
         """Start every row (an empty cache) from the first `num_tokens` tokens of one document whose
         state row_state gave: their keys and values, their inputs if kept, and the filter state at

@@ -152,12 +152,12 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         dtype = self.w1_scales_and_zeros.dtype
         h = x.to(dtype)
-        hidden = self.w2_scales_and_zeros.shape[-2]
-        if _kernel_ok(h, self.w1_scales_and_zeros, self.w1_scales_and_zeros.shape[-2], h.shape[1]) and \
-                _kernel_ok(h, self.w2_scales_and_zeros, hidden, self.w2_qweight.shape[-1] * (2 if self.bits == 4 else 1)):
+        hidden, ffn = self.w2_scales_and_zeros.shape[-2], self.w1_scales_and_zeros.shape[-2] // 2
+        if _kernel_ok(h, self.w1_scales_and_zeros, 2 * ffn, h.shape[1]) and \
+                _kernel_ok(h, self.w2_scales_and_zeros, hidden, ffn):
             return experts(h, counts, (self.w1_qweight, self.w1_scales_and_zeros),
-                                   (self.w2_qweight, self.w2_scales_and_zeros), self.bits, self.symmetric,
-                                   self.activations).to(x.dtype)
+                           (self.w2_qweight, self.w2_scales_and_zeros), self.bits, self.symmetric,
+                           self.activations).to(x.dtype)
         out = h.new_empty(h.shape[0], hidden)
         start = 0
         for e, n in enumerate(counts.tolist()):
