@@ -333,10 +333,10 @@ def test_bad_sampling_fields_get_400_and_extreme_ones_never_spoil_the_batch(serv
     from yuanmoe.inference import SamplingParams, complete
 
     good = {"model": MODEL, "prompt": "To be", "max_tokens": 8, "temperature": 0}
-    extreme = [{"temperature": 1e-300, "seed": 1}, {"temperature": 1.5, "top_k": 2**70, "seed": 2**63 - 1},
+    extreme = [{"temperature": 1e-300, "seed": 1}, {"temperature": 1.5, "top_k": 2**31 - 1, "seed": 2**63 - 1},
                {"repetition_penalty": 1e-300, "temperature": 1, "seed": -2**63}]
     invalid = [({"seed": 2**70}, "seed"), ('"temperature": NaN', "temperature"), ({"top_p": 0}, "top_p"),
-               ('"repetition_penalty": Infinity', "repetition_penalty"), ({"n": 9}, "n")]
+               ('"repetition_penalty": Infinity', "repetition_penalty"), ({"n": 9}, "n"), ({"top_k": 2**70}, "top_k")]
 
     def send(extra):
         if isinstance(extra, str):  # a JSON body Python's reader accepts but JSON does not define

@@ -32,8 +32,10 @@ def official_copy(tmp_path, tensors=None, config_changes=None):
 
 
 def test_native_round_trip_keeps_weights_config_and_tokenizer(tiny_config, tmp_path):
-    model = YuanForCausalLM(tiny_config)
     tokenizer = load_tokenizer(TOKENIZER_DIR)
+    tiny_config = tiny_config.replace(vocab_size=tokenizer.vocab_size, eod_token_id=tokenizer.eod_id,
+                                      sep_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
+    model = YuanForCausalLM(tiny_config)
     save_pretrained(model, tmp_path / "ckpt", tokenizer=tokenizer)
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors",
                                                                       "tokenizer.model"]

@@ -107,7 +107,7 @@ def _first_humaneval_problem():
 
 def test_sandbox_passes_a_correct_solution_and_fails_a_wrong_one():
     problem = _first_humaneval_problem()
-    canonical = next(r for r in readers.read_jsonl(DATASETS / "HUMANEVAL" / "HumanEval.jsonl.gz")
+    canonical = next(r for _, r in readers.read_jsonl(DATASETS / "HUMANEVAL" / "HumanEval.jsonl.gz")
                      if r["task_id"] == problem.id)["canonical_solution"]
     assert run_python(humaneval_program(problem, "plain", canonical)).status == PASSED
     wrong = run_python(humaneval_program(problem, "plain", "    return False\n"))

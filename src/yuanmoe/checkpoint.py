@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +34,7 @@ from tqdm import tqdm
 from .config import ConfigError, YuanConfig
 from .convert.official import (CheckpointError, config_from_official, config_to_official, native_to_official,
                                official_layer_to_native, official_shared_to_native)
+from . import utils
 from .device import auto_dtype, dtype_name, resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 from .model.attention import rope_description
@@ -76,6 +74,8 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     else:
         config_text = config.to_json()
         tensors = state
+    if tokenizer is not None:
+        check_tokenizer_fits(config, tokenizer)
     with writing_folder(path) as tmp:
         (tmp / CONFIG_FILE).write_text(config_text)
         _write_safetensors(tensors, tmp, max_shard_bytes)
@@ -84,20 +84,25 @@ def save_pretrained(model: YuanForCausalLM, path: str | Path, tokenizer=None, fm
     return path
 
 
-@contextmanager
-def writing_folder(path: Path) -> Iterator[Path]:
-    """A temporary folder beside `path`, renamed into place when the block ends without an error
-    (replacing a checkpoint folder there), removed otherwise: `path` never holds half a checkpoint."""
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CONFIG_FILE).exists())):
-        raise ValueError(f"refusing to overwrite {path}: it exists and is not a checkpoint folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        yield tmp
-        _replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def check_tokenizer_fits(config: YuanConfig, tokenizer) -> None:
+    """A checkpoint is written with a tokenizer only if that tokenizer can be the model's: all its ids
+    inside the model's vocabulary, and the same <eod> (where generation stops), <sep> and <pad>."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"the tokenizer to attach has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                              f"holds {config.vocab_size}, so it is another model's tokenizer; attach the one the "
+                              f"model was trained with (--tokenizer)")
+    differ = [f"<{name}> is token {ours} in the tokenizer but {theirs} in the model config"
+              for name, ours, theirs in (("eod", tokenizer.eod_id, config.eod_token_id),
+                                         ("sep", tokenizer.sep_id, config.sep_token_id),
+                                         ("pad", tokenizer.pad_id, config.pad_token_id)) if ours != theirs]
+    if differ:
+        raise CheckpointError(f"the tokenizer to attach does not belong to the model: {'; '.join(differ)}; attach "
+                              f"the one the model was trained with (--tokenizer)")
+
+
+def writing_folder(path: Path):
+    """Where a checkpoint folder is built (utils.writing_folder): `path` never holds half a checkpoint."""
+    return utils.writing_folder(path, CONFIG_FILE, "checkpoint")
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
@@ -123,23 +128,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _replace_folder(new: Path, path: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    new.chmod(0o777 & ~umask)  # mkdtemp made it private; a checkpoint gets the usual permissions
-    for f in new.iterdir():
-        f.chmod(0o666 & ~umask)
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    if path.exists():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        os.replace(path, old / path.name)
-        os.replace(new, path)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, path)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -283,6 +271,7 @@ def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torc
     """The base model of a LoRA run's checkpoint with its adapters folded in (training/lora.py), in
     eval mode: the base from `base`, or the one the run started from."""
     from .distributed.checkpoint import load_weights
+    from .tokenizer import check_same_tokenizer, folder_fingerprint
     from .training.lora import LoraSpec, adapter_record, apply_lora, merge_lora
 
     folder = _checkpoint_folder(folder)
@@ -295,6 +284,8 @@ def load_adapted(folder: str | Path, base: str | Path | None = None, dtype: torc
                                 f"give its new place with --base")
     if load_config(base)[0].to_dict() != load_config(folder)[0].to_dict():
         raise ConfigError(f"{base} is not the base the adapters in {folder} were trained on (another architecture)")
+    check_same_tokenizer(f"the adapters in {folder}", folder_fingerprint(folder), f"the base {base}",
+                         folder_fingerprint(base), "give the base they were trained on with --base")
     model = from_pretrained(base, device=device)
     apply_lora(model, LoraSpec(record["rank"], record["alpha"], tuple(record["targets"])))
     load_weights(folder, model)

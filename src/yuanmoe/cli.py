@@ -9,6 +9,7 @@ import sys
 
 from .config import ConfigError
 from .convert import CheckpointError
+from .utils import Terminated, exit_code, sigterm_raises
 
 # Modules that define `register(subparsers)`; each adds its subcommands with a `func` default.
 COMMAND_MODULES = [
@@ -46,17 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
         logger.addHandler(_StderrHandler())
         logger.setLevel(logging.INFO)
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():
+            args = build_parser().parse_args(argv)
+            return int(args.func(args) or 0)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError, OSError) as exc:
         if os.environ.get("YUAN_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (utils.Terminated): outputs were cleaned up on the way
+        print("terminated" if isinstance(exc, Terminated) else "interrupted", file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

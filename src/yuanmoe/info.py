@@ -47,6 +47,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigError(f"--seq-len must be at least 1, got {args.seq_len}")
     if args.config:
         config = load_any_config(args.config)
     else:

@@ -27,6 +27,7 @@ NCCL and allocator fragmentation).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 
 from .config import PRESETS, ConfigError, YuanConfig, preset
@@ -217,9 +218,9 @@ def run(args) -> int:
 
     config = load_any_config(args.config) if args.config else preset(args.preset)
     for name in ("gpus", "gpu_memory", "seq", "micro_batch"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    lora = LoraSpec.parse(args.lora_rank, None, args.lora_targets) if args.lora_rank else None
+        if not 0 < getattr(args, name) < math.inf:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive and finite, got {getattr(args, name)}")
+    lora = LoraSpec.parse(args.lora_rank, None, args.lora_targets) if args.lora_rank is not None else None
     estimates = plan(config, args.gpus, args.gpu_memory, args.seq, args.micro_batch, lora,
                      args.activation_checkpointing)
     if args.json:

@@ -45,7 +45,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import check_same_tokenizer, load_tokenizer
 
     if args.merge_lora:
         from ..checkpoint import load_adapted
@@ -55,13 +55,16 @@ def run(args) -> int:
         raise ValueError("--base goes with --merge-lora")
     else:
         model = from_pretrained(args.src, dtype=args.dtype, device=args.device)
+    try:
+        own = load_tokenizer(args.src)
+    except FileNotFoundError:
+        own = None
+    tokenizer = own
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
-    else:
-        try:
-            tokenizer = load_tokenizer(args.src)
-        except FileNotFoundError:
-            tokenizer = None
+        if own is not None:  # a folder without one can only be checked by vocabulary and special ids
+            check_same_tokenizer(f"--tokenizer {args.tokenizer}", tokenizer.fingerprint(), args.src,
+                                 own.fingerprint(), "leave out --tokenizer to keep the one SRC holds")
     out = save_pretrained(model, args.out, tokenizer=tokenizer, fmt=args.to, max_shard_bytes=args.max_shard_size)
     gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"wrote {out} ({args.to} format, {gb:.3f} GB of {model.dtype} weights"

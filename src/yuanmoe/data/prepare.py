@@ -16,14 +16,15 @@ import itertools
 import json
 import multiprocessing
 import os
-import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
 
-from ..utils import atomic_write_text
+from ..utils import writing_folder
 from .sources import Document, Source, document_text, parse_input
 
 FORMAT = "yuanmoe-tokens-v1"
@@ -36,7 +37,7 @@ _worker_tokenizer = None  # set once per worker process
 def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: str | Path | None = None,
                     train_tokenizer_vocab: int | None = None, heldout_fraction: float = 0.01,
                     seed: int = 1234, workers: int | None = None, shard_tokens: int = 1 << 30,
-                    progress: bool = True, official_lines: bool = False) -> dict:
+                    progress: bool = True, official_lines: bool = False, overwrite: bool = False) -> dict:
     """Tokenize every input into `out`; returns the written meta.json as a dict.
 
     Give either `tokenizer` (a tokenizer file or folder, e.g. the official tokenizer.model) or
@@ -45,6 +46,8 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
     newlines, prompt `<sep>` answer).
     A document goes to the held-out split when a hash of its text falls under `heldout_fraction`,
     so the split does not depend on input order, worker count or other inputs.
+    The folder is built under a temporary name and renamed into place when complete, so an error or an
+    interrupt leaves `out` as it was; prepared data already in `out` is replaced only with `overwrite`.
     """
     from ..tokenizer import BPETokenizer, load_tokenizer
 
@@ -58,44 +61,42 @@ def prepare_dataset(inputs: Iterable[Source | str], out: str | Path, tokenizer: 
     if not 0 <= heldout_fraction < 1:
         raise ValueError(f"the held-out fraction must be in [0, 1), got {heldout_fraction}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # meta.json is written last: without it a half-rewritten folder is never taken for prepared data.
-    (out / "meta.json").unlink(missing_ok=True)
-    tokenizer_dir = out / "tokenizer"
-
-    if train_tokenizer_vocab is not None:
-        texts = (document_text(d) for s in sources for d in s.documents())
-        # The tokenizers library shows no progress while it reads an iterator of unknown length.
-        reading = tqdm(texts, desc=f"training a {train_tokenizer_vocab}-token BPE: reading", unit=" docs",
-                       disable=not progress, dynamic_ncols=True)
-        tok = BPETokenizer.train(reading, train_tokenizer_vocab, show_progress=progress)
-        reading.close()
-    else:
-        tok = load_tokenizer(tokenizer)
-    if tokenizer_dir.exists():
-        shutil.rmtree(tokenizer_dir)
-    tok.save(tokenizer_dir)
-
-    meta = {
-        "format": FORMAT,
-        "dtype": "uint32",
-        "tokenizer": "tokenizer",
-        "vocab_size": tok.vocab_size,
-        "tokenizer_fingerprint": tok.fingerprint(),
-        "eod_id": tok.eod_id,
-        "sep_id": tok.sep_id,
-        "pad_id": tok.pad_id,
-        "fim_ids": fim_token_ids(tok),
-        "heldout_fraction": heldout_fraction,
-        "seed": seed,
-        "sources": [],
-    }
-    workers = workers or min(os.cpu_count() or 1, 8)
-    with Tokenizers(tokenizer_dir, workers) as pool:
-        for index, source in enumerate(sources):
-            meta["sources"].append(write_source(pool, source, out, f"{index:02d}-{source.name}", heldout_fraction,
-                                                seed, shard_tokens, progress))
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")
+    if (out / "meta.json").is_file() and not overwrite:
+        raise ValueError(f"{out} already holds prepared data, and preparing replaces a folder rather than adding "
+                         f"to it; prepare all inputs together (INPUT:WEIGHT ...) into a new --out, or pass "
+                         f"--overwrite to replace it")
+    with writing_folder(out, "meta.json", "prepared data") as folder:
+        if train_tokenizer_vocab is not None:
+            texts = (document_text(d) for s in sources for d in s.documents())
+            # The tokenizers library shows no progress while it reads an iterator of unknown length.
+            reading = tqdm(texts, desc=f"training a {train_tokenizer_vocab}-token BPE: reading", unit=" docs",
+                           disable=not progress, dynamic_ncols=True)
+            tok = BPETokenizer.train(reading, train_tokenizer_vocab, show_progress=progress)
+            reading.close()
+        else:
+            tok = load_tokenizer(tokenizer)
+        tokenizer_dir = folder / "tokenizer"
+        tok.save(tokenizer_dir)
+        meta = {
+            "format": FORMAT,
+            "dtype": "uint32",
+            "tokenizer": "tokenizer",
+            "vocab_size": tok.vocab_size,
+            "tokenizer_fingerprint": tok.fingerprint(),
+            "eod_id": tok.eod_id,
+            "sep_id": tok.sep_id,
+            "pad_id": tok.pad_id,
+            "fim_ids": fim_token_ids(tok),
+            "heldout_fraction": heldout_fraction,
+            "seed": seed,
+            "sources": [],
+        }
+        workers = workers or min(os.cpu_count() or 1, 8)
+        with Tokenizers(tokenizer_dir, workers) as pool:
+            for index, source in enumerate(sources):
+                meta["sources"].append(write_source(pool, source, folder, f"{index:02d}-{source.name}",
+                                                    heldout_fraction, seed, shard_tokens, progress))
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -145,7 +146,15 @@ class Tokenizers:
     def __enter__(self) -> "Tokenizers":
         if self.workers > 1:
             ctx = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools and locks
-            self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.tokenizer_dir,))
+            # Ctrl-C reaches every process of the terminal's group: the workers, started with SIGINT
+            # ignored, leave it to this process, which stops them (no traceback from each worker).
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+            try:
+                self.pool = ctx.Pool(self.workers, initializer=_init_worker, initargs=(self.tokenizer_dir,))
+            finally:
+                if main:
+                    signal.signal(signal.SIGINT, previous)
         else:
             _init_worker(self.tokenizer_dir)
         return self

@@ -8,6 +8,7 @@ fine-tuning can train on the answer only.
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from dataclasses import dataclass, field
@@ -115,47 +116,99 @@ def split_long_text(text: str, max_chars: int = MAX_DOC_CHARS) -> Iterator[str]:
 def read_records(path: Path) -> Iterator[Document]:
     """A JSON array or JSONL lines of records with `text`, `instruction` [+ `input`] + `output`, or
     `messages` (a chat: [{"role", "content"}, ...])."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1)
-        while head.isspace():
+    for where, record in json_records(path):
+        yield record_document(record, path, where)
+
+
+def json_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(record number, value) for each record of a JSON file holding an array of records or one record,
+    or of a JSON-lines file (one record per line, numbered by line; gzipped when the name ends in .gz).
+    Whatever the file holds, a fault is one sentence naming the file and the record."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
             head = f.read(1)
-        f.seek(0)
-        if head == "[":
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-            for i, record in enumerate(records):
-                yield record_document(record, path, i + 1)
-        else:
+            while head.isspace():
+                head = f.read(1)
+            f.seek(0)
+            if head == "[":
+                yield from enumerate(_parse_json(f.read(), path, ""), 1)
+                return
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {lineno} is not valid JSON ({exc.msg})") from None
-                yield record_document(record, path, lineno)
+                    value = _parse_json(line, path, f" line {lineno}")
+                except ValueError:
+                    if lineno == 1 and head == "{":  # one pretty-printed record spanning lines
+                        f.seek(0)
+                        yield 1, _parse_json(f.read(), path, "")
+                        return
+                    raise
+                yield lineno, value
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} of a block cannot be decoded)") from None
+    except (OSError, EOFError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} cannot be read ({exc})") from None
+
+
+def _parse_json(text: str, path: Path, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}{where} nests arrays or objects too deeply to read (thousands of levels); "
+                         f"records are objects of strings") from None
+
+
+def record_text(record: dict, key: str, path: Path, where: int) -> str:
+    """Field `key` of a record, which must be text (a string that UTF-8 can encode)."""
+    value = record[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{path} record {where}: {key!r} must be a string, got {_kind(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{path} record {where}: {key!r} holds a lone UTF-16 surrogate "
+                         f"({value[exc.start]!r} at character {exc.start}), which is not text") from None
+    return value
+
+
+def _kind(value) -> str:
+    """A JSON value described in a few words (never its whole text, which may be huge or deep)."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), f"the number {value!r}" if isinstance(value, (int, float)) else type(value).__name__)
 
 
 def record_document(record, path: Path, where: int) -> Document:
-    if isinstance(record, dict):
-        if isinstance(record.get("text"), str):
-            return record["text"]
-        if isinstance(record.get("instruction"), str) and isinstance(record.get("output"), str):
-            prompt = record["instruction"]
-            if record.get("input"):
-                prompt += "\n" + str(record["input"])
-            return prompt, record["output"]
-        if "messages" in record:
-            from ..inference.chat import chat_samples
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} record {where} is {_kind(record)}, not an object; each record is an object with "
+                         f"a 'text' field, 'instruction' and 'output' fields, or chat 'messages'")
+    if "text" in record:
+        return record_text(record, "text", path, where)
+    if "instruction" in record and "output" in record:
+        prompt = record_text(record, "instruction", path, where)
+        if record.get("input"):
+            prompt += "\n" + record_text(record, "input", path, where)
+        return prompt, record_text(record, "output", path, where)
+    if "messages" in record:
+        from ..inference.chat import chat_samples
 
-            try:
-                return chat_samples(record["messages"])
-            except ValueError as exc:
-                raise ValueError(f"{path} record {where}: {exc}") from None
+        try:
+            samples = chat_samples(record["messages"])
+            for prompt, answer in samples:
+                (prompt + answer).encode("utf-8")
+        except ValueError as exc:  # UnicodeEncodeError included
+            why = "a message holds a lone UTF-16 surrogate, which is not text" if isinstance(
+                exc, UnicodeEncodeError) else str(exc)
+            raise ValueError(f"{path} record {where}: {why}") from None
+        return samples
     raise ValueError(f"{path} record {where} has neither a 'text' field nor 'instruction' and 'output' fields "
-                     f"nor chat 'messages'")
+                     f"nor chat 'messages' (its fields: {', '.join(repr(k[:40]) for k in list(record)[:8]) or 'none'})")
 
 
 def document_text(doc: Document) -> str:

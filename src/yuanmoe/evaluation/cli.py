@@ -67,8 +67,9 @@ def register(subparsers) -> None:
 def _load(args):
     from .lm import EvalModel
 
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     return EvalModel.from_checkpoint(args.checkpoint, device=args.device, dtype=args.dtype,
                                      batch_size=args.batch_size)
 
@@ -96,7 +97,7 @@ def run_benchmark(args) -> int:
     if not settings.timeout_s > 0 or settings.timeout_s == float("inf"):
         raise ValueError(f"--timeout must be a positive number of seconds, got {settings.timeout_s}")
     for flag, value, least in (("--memory-mb", settings.memory_mb, 1), ("--workers", settings.workers, 1),
-                               ("--limit", args.limit, 1), ("--shots", settings.shots, 0)):
+                               ("--shots", settings.shots, 0)):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     if not Path(args.data).is_dir():
@@ -114,8 +115,17 @@ def run_perplexity(args) -> int:
 def run_harness(args) -> int:
     from .harness import evaluate_with_harness
 
-    results = evaluate_with_harness(_load(args), args.tasks.split(","), limit=args.limit,
-                                    num_fewshot=args.num_fewshot, include_path=args.include_path)
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks names no task, got {args.tasks!r}; give comma-separated lm_eval task names, "
+                         f"e.g. arc_easy,hellaswag")
+    repeated = next((name for i, name in enumerate(tasks) if name in tasks[:i]), None)
+    if repeated is not None:
+        raise ValueError(f"--tasks lists {repeated} twice; name each task once")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
+    results = evaluate_with_harness(_load(args), tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                                    include_path=args.include_path)
     if args.out:
         from .results import results_document, write_results
 

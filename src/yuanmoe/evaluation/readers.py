@@ -8,8 +8,6 @@ keyed by task_id.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +32,11 @@ def read_sep_file(path: str | Path) -> list[tuple[str, str]]:
         raise FileNotFoundError(f"benchmark file {path} does not exist; point --data at the datasets folder")
     pairs = []
     # Split on "\n" only: questions contain characters str.splitlines() would also break at.
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         question, sep, answer = line.partition("[SEP]")
@@ -86,20 +88,23 @@ def load_math(data_dir: str | Path) -> list[Problem]:
     return [Problem(f"math/{i}", q, a) for i, (q, a) in enumerate(read_sep_file(Path(data_dir) / "MATH" / "math.txt"))]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """(line number, record) of a benchmark's JSON-lines file (data/sources.json_records)."""
+    from ..data.sources import json_records
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"benchmark file {path} does not exist; point --data at the datasets folder")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        rows = []
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise ValueError(f"{path}:{number} is not valid JSON") from None
-        return rows
+    return list(json_records(path))
+
+
+def _code_fields(path: Path, where: int, row, fields: tuple[str, ...]) -> dict[str, str]:
+    from ..data.sources import record_text
+
+    if not isinstance(row, dict) or not set(fields) <= set(row):
+        have = ", ".join(sorted(map(str, row))) if isinstance(row, dict) else "it is not an object"
+        raise ValueError(f"{path} record {where} must be an object with the fields {', '.join(fields)} ({have})")
+    return {name: record_text(row, name, path, where) for name in fields}
 
 
 # The prompt variants next to HumanEval.jsonl.gz: the official run used the Chinese text prompts.
@@ -121,15 +126,16 @@ def load_humaneval(data_dir: str | Path, prompt_style: str = "textprompts") -> l
     problems_path = folder / "HumanEval.jsonl.gz"
     if not problems_path.is_file():
         problems_path = folder / "HumanEval.jsonl"
-    rows = read_jsonl(problems_path)
+    rows = [_code_fields(problems_path, where, row, ("task_id", "prompt", "test", "entry_point"))
+            for where, row in read_jsonl(problems_path)]
     prompts = {}
     if prompt_style != "plain":
-        prompts = {r["task_id"]: r["prompt"] for r in read_jsonl(folder / HUMANEVAL_PROMPT_FILES[prompt_style])}
+        prompts_path = folder / HUMANEVAL_PROMPT_FILES[prompt_style]
+        for where, row in read_jsonl(prompts_path):
+            fields = _code_fields(prompts_path, where, row, ("task_id", "prompt"))
+            prompts[fields["task_id"]] = fields["prompt"]
     problems = []
     for row in rows:
-        missing = {"task_id", "prompt", "test", "entry_point"} - set(row)
-        if missing:
-            raise ValueError(f"{problems_path}: a problem lacks {', '.join(sorted(missing))}")
         if prompt_style != "plain" and row["task_id"] not in prompts:
             raise ValueError(f"{HUMANEVAL_PROMPT_FILES[prompt_style]} has no prompt for {row['task_id']}")
         question = prompts.get(row["task_id"], row["prompt"])

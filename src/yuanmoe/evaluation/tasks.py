@@ -46,7 +46,7 @@ class TaskResult:
 
     @property
     def score(self) -> float:
-        return self.correct / self.total if self.total else 0.0
+        return self.correct / self.total  # run_task refuses zero problems: never a 0/0 score
 
     def to_dict(self) -> dict:
         return {"score": self.score, **asdict(self)}
@@ -218,6 +218,9 @@ def run_task(name: str, lm: EvalModel, data_dir, settings: TaskSettings | None =
         raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
     task, settings = TASKS[name], settings or TaskSettings()
     problems = task.load(data_dir, settings)
+    if not problems:
+        raise ValueError(f"the {name} files in {data_dir} hold no problems; point --data at the benchmark "
+                         f"datasets folder")
     if name == "mmlu" and settings.limit is not None:
         problems = _interleave_subjects(problems)  # so that a limited run samples every subject
     problems = _limit(problems, settings.limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shlex
 from pathlib import Path
 
@@ -20,13 +21,34 @@ SWEEP_TOKENS = [2 ** 19, 2 ** 20, 2 ** 21, 2 ** 22, 2 ** 23]  # 0.5M to 8M: 16x
 SWEEP_WIDTHS = [64, 128]
 
 
-def comma_list(kind):
+def comma_list(kind, what: str):
+    """argparse `type=`: one or more distinct comma-separated values, each read by `kind`; a suite
+    over no variants or budgets has nothing to report, and a repeated one would count twice."""
     def parse(text: str) -> list:
         try:
-            return [kind(item) for item in text.split(",") if item.strip()]
+            values = [kind(item.strip()) for item in text.split(",") if item.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of {what}, got {text!r}")
+        repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if repeated is not None:
+            raise argparse.ArgumentTypeError(f"{repeated} is listed twice in {text!r}; list each value once")
+        return values
     return parse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
+def router_variant(name: str) -> str:
+    if name not in ROUTER_VARIANTS:
+        raise ValueError(f"unknown router variant {name!r}")
+    return name
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -62,8 +84,8 @@ def scale_from_args(args) -> Scale:
     scale = QUICK if args.quick else DEFAULT
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Scale) if getattr(args, f.name) is not None}
     for name, value in overrides.items():
-        if value <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 < value < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
     return dataclasses.replace(scale, **overrides)
 
 
@@ -71,10 +93,10 @@ def recipe_from_args(args) -> tuple[dict, dict]:
     """The router recipe flags as (YuanConfig changes, Budget's router optimizer settings)."""
     for name in ("router_init_scale", "router_lr_scale", "router_temperature"):
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.aux_loss_coef is not None and args.aux_loss_coef < 0:
-        raise ValueError(f"--aux-loss-coef must not be negative, got {args.aux_loss_coef}")
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
+    if args.aux_loss_coef is not None and not 0 <= args.aux_loss_coef < math.inf:
+        raise ValueError(f"--aux-loss-coef must be zero or more and finite, got {args.aux_loss_coef}")
     config = {name: getattr(args, name) for name in ("router_init_scale", "router_temperature", "aux_loss_coef")
               if getattr(args, name) is not None}
     if args.no_norm_topk_prob:
@@ -112,6 +134,8 @@ def command_line(args) -> str:
 def run_routers(args) -> int:
     scale = scale_from_args(args)
     changes, optimizer = recipe_from_args(args)
+    if scale.top_k > scale.num_experts:
+        raise ValueError(f"--top-k must be at most --num-experts ({scale.num_experts}), got {scale.top_k}")
     if args.sweep and (args.steps is not None or args.hidden_size is not None):
         raise ValueError("--sweep sets the steps and the width itself; give them with --sweep-tokens and "
                          "--sweep-widths instead of --steps and --hidden-size")
@@ -144,6 +168,9 @@ def run_experts(args) -> int:
         raise ValueError("--num-experts does not apply to `yuan experiment experts`; use --expert-counts")
     scale = scale_from_args(args)
     changes, optimizer = recipe_from_args(args)
+    if min(args.expert_counts) < scale.top_k:
+        raise ValueError(f"--expert-counts must each be at least --top-k ({scale.top_k}), got "
+                         f"{min(args.expert_counts)}")
     data, meta = prepare(args, scale)
     base = base_config(scale, meta).replace(router=args.router, **changes)
     variants = expert_variants(base, args.expert_counts)
@@ -167,22 +194,23 @@ def register(sub) -> None:
 
     routers = suites.add_parser("routers", help="attention vs linear vs shared-expert routing at equal parameters")
     add_common_options(routers)
-    routers.add_argument("--routers", type=comma_list(str), default=["attention", "linear", "shared"],
+    routers.add_argument("--routers", default=["attention", "linear", "shared"],
+                         type=comma_list(router_variant, f"router variants ({', '.join(ROUTER_VARIANTS)})"),
                          help=f"variants to compare, from {', '.join(ROUTER_VARIANTS)} "
                               f"(default attention,linear,shared)")
     routers.add_argument("--sweep", action="store_true",
                          help="run the suite at every --sweep-tokens budget and --sweep-widths width; writes sweep.md, "
                               "sweep.json and gap_vs_tokens.png with the fitted trend of the gaps")
-    routers.add_argument("--sweep-tokens", type=comma_list(token_count),
+    routers.add_argument("--sweep-tokens", type=comma_list(token_count, "token budgets of at least 1, e.g. 500k,1M"),
                          help="training-token budgets of --sweep, e.g. 500k,1M,2M,4M,8M (default: 2^19 to 2^23)")
-    routers.add_argument("--sweep-widths", type=comma_list(int),
+    routers.add_argument("--sweep-widths", type=comma_list(positive_int, "positive whole numbers"),
                          help="model widths (hidden size; the expert FFN scales with it) of --sweep (default 64,128)")
     routers.set_defaults(func=run_routers)
 
     experts = suites.add_parser("experts", help="8 vs 16 vs 32 experts at equal active parameters")
     add_common_options(experts)
-    experts.add_argument("--expert-counts", type=comma_list(int), default=[8, 16, 32],
-                         help="expert counts to compare (default 8,16,32)")
+    experts.add_argument("--expert-counts", type=comma_list(positive_int, "positive whole numbers"),
+                         default=[8, 16, 32], help="expert counts to compare (default 8,16,32)")
     experts.add_argument("--router", default="attention", choices=["attention", "linear", "noisy_topk"],
                          help="router of every variant (default attention, as in the paper)")
     experts.set_defaults(func=run_experts)

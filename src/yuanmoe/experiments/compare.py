@@ -33,11 +33,17 @@ def load_suite(folder: Path) -> dict:
     try:
         results = json.loads(path.read_text())
         losses = {row["variant"]: dict(zip(row["seeds"], row["heldout_loss"])) for row in results["variants"]}
-        return {"folder": str(folder), "command": results.get("command", ""), "baseline": results["baseline"],
-                "budget": results["budget"], "losses": losses}
+        suite = {"folder": str(folder), "command": results.get("command", ""), "baseline": results["baseline"],
+                 "budget": results["budget"], "losses": losses}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"{path} is not the results.json of a `yuan experiment` run "
                          f"({type(exc).__name__}: {exc}); rerun that suite's command to rewrite it") from None
+    # A mean or a gap over no seeds is no result.
+    empty = next((name for name, seeds in losses.items() if not seeds), None)
+    if not losses or empty is not None:
+        raise ValueError(f"{path} holds no runs{'' if empty is None else ' of ' + empty}; rerun that suite's "
+                         f"command to rewrite it")
+    return suite
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:

@@ -39,7 +39,8 @@ def prepare_corpus(out: Path, data_specs: list[str], include_code: bool, vocab_s
     recipe_file = folder / "recipe.json"
     if (folder / "meta.json").is_file() and recipe_file.is_file() and json.loads(recipe_file.read_text()) == recipe:
         return folder
-    prepare_dataset(sources, folder, train_tokenizer_vocab=vocab_size, heldout_fraction=HELDOUT_FRACTION)
+    prepare_dataset(sources, folder, train_tokenizer_vocab=vocab_size, heldout_fraction=HELDOUT_FRACTION,
+                    overwrite=True)
     atomic_write_text(recipe_file, json.dumps(recipe) + "\n")
     return folder
 

@@ -12,6 +12,7 @@ entropy, load CV, co-selection counts), so its evolution over training can be pl
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..info import model_stats
 from ..routers import coselection_kl, coselection_matrix, routing_stats
 from ..training import TrainConfig, train
 from ..training.trainer import heldout_indices
+from ..utils import Terminated
 
 
 @dataclass
@@ -92,7 +94,7 @@ def train_variant(name: str, config: YuanConfig, data: Path, budget: Budget, see
 
     result = train(config, cfg, observe=observe if config.is_moe else None)
     if result.interrupted:
-        raise KeyboardInterrupt
+        raise Terminated() if result.interrupted == signal.SIGTERM else KeyboardInterrupt()
     # The last evaluation is at the last step: its routing is the final picture.
     picture = curve[-1] if curve else {"coselection": None, "routing": None, "tokens": 0}
     sizes = model_stats(config)

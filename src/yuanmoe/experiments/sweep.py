@@ -30,10 +30,10 @@ def token_count(text: str) -> int:
     """'512k', '1M', '2.5e6' or '1048576' as a number of tokens."""
     text = text.strip().lower()
     factor = _SUFFIXES.get(text[-1:], 1.0)
-    number = float(text[:-1] if text[-1:] in _SUFFIXES else text)
-    if not number > 0:
-        raise ValueError(f"a token budget must be positive, got {text!r}")
-    return int(number * factor)
+    tokens = float(text[:-1] if text[-1:] in _SUFFIXES else text) * factor
+    if not 1 <= tokens < math.inf:
+        raise ValueError(f"a token budget must be at least 1 token and finite, got {text!r}")
+    return int(tokens)
 
 
 def sweep_scales(scale: Scale, widths: list[int], budgets: list[int]) -> list[tuple[int, int, Scale]]:

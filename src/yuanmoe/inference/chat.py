@@ -8,6 +8,8 @@ written `<n>` too), then `<sep>`, after which the model writes the answer and en
 
 from __future__ import annotations
 
+import reprlib
+
 from .text import CHAT_NEWLINE
 
 SEP = "<sep>"
@@ -46,13 +48,13 @@ def _chat_text(content: str) -> str:
 
 def _check_messages(messages: list[dict]) -> None:
     if not isinstance(messages, list):
-        raise ValueError(f"a chat's messages must be a list of {{role, content}} objects, got {messages!r}")
+        raise ValueError(f"a chat's messages must be a list of {{role, content}} objects, got {reprlib.repr(messages)}")
     if not messages:
         raise ValueError("a chat needs at least one message")
     for m in messages:
         if not isinstance(m, dict):
-            raise ValueError(f"a chat message must be an object with a role and a content, got {m!r}")
+            raise ValueError(f"a chat message must be an object with a role and a content, got {reprlib.repr(m)}")
         if m.get("role") not in ROLES:
-            raise ValueError(f"unknown chat role {m.get('role')!r}; use one of {', '.join(ROLES)}")
+            raise ValueError(f"unknown chat role {reprlib.repr(m.get('role'))}; use one of {', '.join(ROLES)}")
         if not isinstance(m.get("content"), str):
             raise ValueError(f"the content of a {m['role']} message must be a string")

@@ -1,5 +1,6 @@
 """How the next token is chosen from the logits: greedy, or sampled after temperature, top-k,
-top-p and a repetition penalty, each row of a batch with its own settings and its own seed."""
+top-p, a repetition penalty and OpenAI's frequency and presence penalties, each row of a batch with
+its own settings and its own seed."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ class SamplingParams:
     top_k: int = 0  # 0 keeps every token
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # > 1 discourages tokens already in the prompt or the output
+    # OpenAI's: the logit of a token the output holds c times drops by c * frequency_penalty + presence_penalty.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None  # a seeded row samples the same tokens whatever else is in its batch
     stop: tuple[str, ...] = ()  # text that ends the output (not included in it)
 
@@ -26,7 +30,7 @@ class SamplingParams:
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        for name in ("temperature", "top_p", "repetition_penalty"):
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
@@ -66,26 +70,37 @@ class BatchSampler:
             self.seen = torch.zeros(len(params), vocab_size, dtype=torch.bool, device=device)
             for row, ids in enumerate(prompts):
                 self.seen[row, ids] = True
+        self.frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+        self.presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+        self.counts = None  # [rows, vocab] how often each token was sampled so far (not the prompt: OpenAI's c)
+        if any(p.frequency_penalty or p.presence_penalty for p in params):
+            self.counts = torch.zeros(len(params), vocab_size, device=device)
 
     def keep(self, rows: torch.Tensor) -> None:
         index = rows.tolist()
         self.params = [self.params[i] for i in index]
         self.generators = [self.generators[i] for i in index]
-        self.penalty = self.penalty[rows]
+        self.penalty, self.frequency, self.presence = self.penalty[rows], self.frequency[rows], self.presence[rows]
         if self.seen is not None:
             self.seen = self.seen[rows]
+        if self.counts is not None:
+            self.counts = self.counts[rows]
 
     def extend(self, other: "BatchSampler") -> None:
         """Add the rows of another sampler (sequences joining a running batch) after these."""
-        if (self.seen is None) != (other.seen is None):
-            # Rows without a repetition penalty ignore the mask, so the side without one gets an empty one.
-            has, lacks = (self, other) if other.seen is None else (other, self)
-            lacks.seen = has.seen.new_zeros(len(lacks.params), has.seen.shape[1])
+        for name in ("seen", "counts"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine is None and theirs is None:
+                continue
+            # Rows without that penalty ignore the tensor, so the side without one gets an empty one.
+            mine = theirs.new_zeros(len(self.params), theirs.shape[1]) if mine is None else mine
+            theirs = mine.new_zeros(len(other.params), mine.shape[1]) if theirs is None else theirs
+            setattr(self, name, torch.cat([mine, theirs]))
         self.params += other.params
         self.generators += other.generators
         self.penalty = torch.cat([self.penalty, other.penalty])
-        if self.seen is not None:
-            self.seen = torch.cat([self.seen, other.seen])
+        self.frequency = torch.cat([self.frequency, other.frequency])
+        self.presence = torch.cat([self.presence, other.presence])
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits [rows, vocab] -> token ids [rows]."""
@@ -96,6 +111,8 @@ class BatchSampler:
             penalized = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
             big = torch.finfo(logits.dtype).max
             logits = torch.where(self.seen, penalized, logits).clamp(-big, big)
+        if self.counts is not None:
+            logits = logits - self.counts * self.frequency - (self.counts > 0) * self.presence
         tokens = logits.argmax(dim=-1)
         sampled = [row for row, p in enumerate(self.params) if not p.greedy]
         if sampled:
@@ -105,6 +122,8 @@ class BatchSampler:
                 tokens[row] = torch.multinomial(probs[i], 1, generator=self.generators[row])[0]
         if self.seen is not None:
             self.seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+        if self.counts is not None:
+            self.counts[torch.arange(len(tokens), device=tokens.device), tokens] += 1
         return tokens
 
     @staticmethod

@@ -83,9 +83,11 @@ def write_quantized(path: str | Path, config: YuanConfig, q: QuantConfig, groups
                     tokenizer=None) -> Path:
     """Write a quantized folder from its tensor groups (shared tensors and one per layer, in any
     order), each group its own shard written as it arrives."""
-    from ..checkpoint import CONFIG_FILE, writing_folder
+    from ..checkpoint import CONFIG_FILE, check_tokenizer_fits, writing_folder
 
     path = Path(path)
+    if tokenizer is not None:
+        check_tokenizer_fits(config, tokenizer)
     total = config.num_layers + 1
     weight_map: dict[str, str] = {}
     size = 0

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import ConfigError, YuanConfig
 from ..convert.official import CheckpointError, official_layer_to_native, official_shared_to_native
 from .modules import QuantExperts, QuantLinear, check_shape, pack_codes
-from .packing import BITS, dequantize, unpack_gptq_rows, unpack_gptq_zeros
+from .packing import BITS, dequantize, regular_group, unpack_gptq_rows, unpack_gptq_zeros
 
 QUANT_CONFIG_FILE = "quantize_config.json"
 NATIVE_METHOD = "yuanmoe"
@@ -157,9 +157,10 @@ def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConf
         if q.method == "gptq":
             if _GPTQ_LINEAR.fullmatch(name):
                 rows, cols = shape
-                groups = cols // (q.group_size or cols)
+                groups = -(-cols // (q.group_size or cols))  # AutoGPTQ's last group may be shorter
                 stem = name[: -len("weight")]
-                out.update({stem + "qweight": (cols * q.bits // 32, rows), stem + "qzeros": (groups, rows * q.bits // 32),
+                # AutoGPTQ packs columns and zero points in whole blocks of 32, dropping a partial last one.
+                out.update({stem + "qweight": (cols // 32 * q.bits, rows), stem + "qzeros": (groups, rows // 32 * q.bits),
                             stem + "scales": (groups, rows), stem + "g_idx": (cols,)})
             else:
                 out[name] = shape
@@ -170,6 +171,7 @@ def expected_shapes(expected: dict[str, tuple], config: YuanConfig, q: QuantConf
             continue
         bits, group_size = plan
         *lead, rows, cols = shape
+        group_size = regular_group(cols, group_size)
         qweight, sz = native_buffer_names(name)
         out[qweight] = (*lead, rows, cols // 2 if bits == 4 else cols)
         out[sz] = (*lead, cols // group_size, rows, 2)
@@ -239,11 +241,6 @@ def gptq_to_native(tensors: dict[str, torch.Tensor], layer: int | None, config: 
         if ".router." in name:  # small, and read in fp32 by the router: kept exact
             out[name] = dequantize(c, s, q.bits, torch.float32)
             continue
-        rows, cols = c.shape[-2:]
-        try:
-            check_shape(rows, cols, q.bits, cols // s.shape[-3], name)
-        except ValueError as exc:
-            raise CheckpointError(f"cannot load this GPTQ checkpoint: {exc}") from None
         qweight, scales_and_zeros = native_buffer_names(name)
         out[qweight], out[scales_and_zeros] = pack_codes(c, q.bits), s.to(dtype)
     return out
@@ -258,16 +255,35 @@ def decode_gptq(tensors: dict[str, torch.Tensor], stem: str, q: QuantConfig) -> 
     """One AutoGPTQ linear -> codes uint8 [out, in] and scales_and_zeros fp32 [groups, out, 2]."""
     qweight, qzeros, scales, g_idx = (tensors[stem + part] for part in GPTQ_PARTS)
     codes = unpack_gptq_rows(qweight, q.bits)
-    cols = codes.shape[1]
+    rows, cols = codes.shape[0], g_idx.numel()
+    if codes.shape[1] != cols:
+        raise CheckpointError(f"{stem}qweight holds {codes.shape[1]} of the layer's {cols} input columns: AutoGPTQ "
+                              f"packs them in blocks of 32 and dropped the rest, so this layer cannot be decoded; "
+                              f"quantize a model whose widths are multiples of 32")
     group_size = q.group_size or cols
     if not torch.equal(g_idx.long(), torch.arange(cols, device=g_idx.device) // group_size):
         why = "desc_act (act-order) with a permuted g_idx" if q.desc_act else "a g_idx that is not row // group_size"
         raise CheckpointError(f"{stem}g_idx: this GPTQ checkpoint uses {why}, which this loader does not "
                               f"support; quantize it with desc_act false")
+    groups = -(-cols // group_size)
+    if scales.shape[0] != groups:
+        raise CheckpointError(f"{stem}scales: {scales.shape[0]} groups for {cols} input columns in groups of "
+                              f"{group_size} (expected {groups}); the folder is damaged or its quantize_config.json "
+                              f"is not the one it was written with")
     scale = scales.float()
-    zero_point = unpack_gptq_zeros(qzeros, q.bits).float()
+    zero_point = unpack_gptq_zeros(qzeros, q.bits)[:, :rows].float()
     mid = 2 ** (q.bits - 1)
-    return codes, torch.stack([scale, scale * (mid - zero_point)], dim=-1)
+    if zero_point.shape[1] < rows:  # AutoGPTQ kept whole blocks of 32 zero points only
+        if not q.symmetric:
+            raise CheckpointError(f"{stem}qzeros holds the zero points of {zero_point.shape[1]} of the layer's "
+                                  f"{rows} outputs (AutoGPTQ drops a partial block of 32), and the folder is not "
+                                  f"symmetric, so the others are unknown; this layer cannot be decoded")
+        zero_point = torch.cat([zero_point, zero_point.new_full((groups, rows - zero_point.shape[1]), mid)], dim=1)
+    sz = torch.stack([scale, scale * (mid - zero_point)], dim=-1)
+    regular = regular_group(cols, group_size)
+    if regular != group_size:  # AutoGPTQ's shorter last group: the same scales over narrower, even groups
+        sz = sz[torch.arange(cols // regular, device=sz.device) * regular // group_size]
+    return codes, sz
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

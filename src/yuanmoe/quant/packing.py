@@ -16,6 +16,8 @@ kernels' integer dot products; 8-bit codes as int8 `code - mid`, 4-bit codes two
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BITS = (4, 8)
@@ -58,6 +60,13 @@ def dequantize(codes: torch.Tensor, scales_and_zeros: torch.Tensor, bits: int,
     if not symmetric:
         grouped.add_(sz[..., 1].unsqueeze(-1).contiguous())
     return w
+
+
+def regular_group(cols: int, group_size: int) -> int:
+    """The group size of the stored scales for an AutoGPTQ weight of `cols` input columns: its own, or,
+    when it does not divide `cols` (AutoGPTQ's last group is then shorter), gcd(group_size, cols):
+    each such group lies inside one of AutoGPTQ's, so repeating its scale and zero is exact."""
+    return group_size if cols % group_size == 0 else math.gcd(group_size, cols)
 
 
 def pack_tiles(codes: torch.Tensor, bits: int) -> torch.Tensor:

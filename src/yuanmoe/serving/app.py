@@ -1,6 +1,10 @@
 """An OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions, /health,
 /metrics (Prometheus text).
 
+Every field of OpenAI's request schemas is implemented, informational, or refused by name unless
+it holds a neutral value (null, `"tools": []`); fields OpenAI does not have are refused, the
+extensions top_k and repetition_penalty aside; every number is checked to a range its error states.
+
 Errors come back in the OpenAI shape, {"error": {"message", "type", "param", "code"}}, with a 4xx
 status for anything the client can fix (unknown routes and methods included), 401 without the API
 key when one is set, and 429 with Retry-After when the queue is full. Streams are server-sent events
@@ -11,21 +15,23 @@ from __future__ import annotations
 
 import hmac
 import json
+import reprlib
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
 from ..inference.chat import format_chat
 from ..inference.engine import Request
-from ..inference.generate import check_prompt_length
+from ..inference.generate import check_prompt_length, check_token_ids
 from ..inference.sampling import SamplingParams
 from ..inference.prefix_cache import PrefixCache
 from .metrics import Metrics
@@ -57,43 +63,137 @@ def _check_text(text: str, param: str) -> None:
                             f"which is not text; send valid Unicode", param=param) from None
 
 
+def _number(kind: type, low, high=None, default=None, above: bool = False):
+    """A field holding an int or float from `low` (excluded if `above`) to `high` (None: no bound):
+    null means `default`, and every refusal, a wrong type included, states the range."""
+    what = "an integer" if kind is int else "a number"
+    if high is None:
+        span = f"of at least {low}"
+    elif above:
+        span = f"greater than {low} and at most {high}"
+    else:
+        span = f"from {low} to {high}"
+
+    def check(value, handler):
+        if value is None:
+            return default
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("out_of_range", f"must be {what} {span}, got {{value}}",
+                                      {"value": reprlib.repr(value)}) from None
+
+    bounds = {"gt" if above else "ge": low, "le": high}
+    return Annotated[kind, Field(default, **bounds), WrapValidator(check)]
+
+
+def _unsupported(what: str, *neutral, hint: str = ""):
+    """A field of OpenAI's this server does not implement: null, or a value that asks for nothing
+    beyond what the server does anyway (`neutral`, compared with its type: 1 is not true), passes;
+    any other value is refused, never ignored."""
+    fix = "leave it out" + (f" or send {json.dumps(neutral[0])}" if neutral else "") + (f"; {hint}" if hint else "")
+
+    def check(value):
+        if not any(type(value) is type(n) and value == n for n in (None, *neutral)):
+            raise PydanticCustomError("unsupported", f"is not supported by this server ({what}); {fix}")
+        return value
+
+    return Annotated[Any, Field(None), AfterValidator(check)]
+
+
+_NO_LOGPROBS = "it returns no log probabilities"
+_NO_LOGIT_BIAS = "it applies no logit bias"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    # A mitigation of a side channel: a client that asks for it must learn it does not get it.
+    include_obfuscation: _unsupported("its streams carry no obfuscation", False)
+
+
 class _Sampling(BaseModel):
     # No NaN or Infinity (Python's JSON reader accepts them): every number must be one the sampler can use.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # A field this server does not know is refused, since ignoring it would answer a different request.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # not in the OpenAI API; vLLM and others accept it too
-    repetition_penalty: float = Field(1.0, gt=0, le=100)
-    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)
+    max_tokens: _number(int, 1)  # and at most the server's cap, checked in build_requests
+    temperature: _number(float, 0, 2, default=1.0)
+    top_p: _number(float, 0, 1, default=1.0, above=True)
+    top_k: _number(int, 0, 2**31 - 1, default=0)  # not OpenAI's; vLLM and others accept it too
+    repetition_penalty: _number(float, 0, 100, default=1.0, above=True)  # not OpenAI's either
+    frequency_penalty: _number(float, -2, 2, default=0.0)
+    presence_penalty: _number(float, -2, 2, default=0.0)
+    seed: _number(int, -2**63, 2**63 - 1)
     stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool = False
-    stream_options: dict | None = None
+    n: _number(int, 1, MAX_N, default=1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # informational: nothing depends on it
+    logit_bias: _unsupported(_NO_LOGIT_BIAS, {})
 
 
 class CompletionBody(_Sampling):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]  # text, or token ids of this model's tokenizer
+    logprobs: _unsupported(_NO_LOGPROBS)
+    best_of: _unsupported("it does not rank completions", 1, hint="use n for several completions")
+    echo: _unsupported("it does not repeat the prompt", False, hint="prepend the prompt yourself")
+    suffix: _unsupported("it does not insert text", "")
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]  # developer: OpenAI's newer name for system
     content: str | list[dict]  # newer clients may send a list of parts; only text parts are supported
+    name: _unsupported("the chat format has no names")
+    # The fields of a reply's message, which clients send back as the assistant's turn (model_dump()
+    # gives them all, null in a reply of this server); annotations is not in OpenAI's request schema.
+    refusal: _unsupported("it writes no refusals")
+    tool_calls: _unsupported("it calls no tools", [])
+    function_call: _unsupported("it calls no functions")
+    audio: _unsupported("it answers in text only")
+    annotations: _unsupported("it writes no annotations", [])
+    tool_call_id: _unsupported("it calls no tools")  # only tool messages have one, and their role is refused
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in self.content):
-            raise APIError(400, "messages: only text content is supported (parts of type 'text')",
-                           param="messages")
+        if any(set(part) != {"type", "text"} or part["type"] != "text" or not isinstance(part["text"], str)
+               for part in self.content):
+            raise APIError(400, "messages: only text content is supported (parts holding just a type 'text' "
+                                "and its text)", param="messages")
         return "".join(part["text"] for part in self.content)
 
 
 class ChatBody(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: _number(int, 1)
+    logprobs: _unsupported(_NO_LOGPROBS, False)
+    top_logprobs: _unsupported(_NO_LOGPROBS, 0)
+    # Informational: nothing depends on them. The prefix cache needs no key; it finds shared prefixes itself.
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    parallel_tool_calls: bool | None = None  # there are no tools (see `tools`), so no parallel calls either
+    tools: _unsupported("it calls no tools", [])
+    tool_choice: _unsupported("it calls no tools", "none", "auto")
+    functions: _unsupported("it calls no functions", [])
+    function_call: _unsupported("it calls no functions", "none", "auto")
+    response_format: _unsupported("it does not constrain the output's format", {"type": "text"})
+    audio: _unsupported("it answers in text only")
+    modalities: _unsupported("it answers in text only", ["text"])
+    prediction: _unsupported("it takes no predicted output")
+    reasoning_effort: _unsupported("the model does not reason before answering", "none")
+    verbosity: _unsupported("it has no verbosity setting", "medium")
+    web_search_options: _unsupported("it does not search the web")
+    moderation: _unsupported("it runs no moderation")
+    service_tier: _unsupported("it has one service tier", "auto", "default")
+    store: _unsupported("it stores no completions", False)
+    prompt_cache_retention: _unsupported("its prefix cache keeps entries in memory only", "in_memory")
+    prompt_cache_options: _unsupported("its prefix cache takes no options", {}, {"mode": "implicit"})
 
 
 def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = None,
@@ -165,13 +265,19 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_req, exc: RequestValidationError):
+    async def _validation_error(req: HTTPRequest, exc: RequestValidationError):
         err = exc.errors()[0]
         if err.get("type") == "json_invalid":
             return _error_response(400, "the request body is not valid JSON; send a JSON object",
                                    code="invalid_json")
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        return _error_response(400, f"{where or 'body'}: {err.get('msg', 'invalid value')}", param=where or None)
+        if err.get("type") in ("out_of_range", "unsupported"):  # messages written to follow the field's name
+            message = f"{where} {err['msg']}"
+        elif err.get("type") == "extra_forbidden":
+            message = f"{where} is not a field of a {req.url.path} request; leave it out"
+        else:
+            message = f"{where or 'body'}: {err.get('msg', 'invalid value')}"
+        return _error_response(400, message, param=where or None)
 
     @app.get("/health")
     async def health():
@@ -187,22 +293,32 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "yuanmoe"}]}
 
-    def build_requests(body: _Sampling, prompts: list[str], chat: bool,
-                       max_tokens: int | None) -> list[Request]:
+    def build_requests(body: _Sampling, prompts: list[str | list[int]], chat: bool, max_tokens: int | None,
+                       max_tokens_param: str = "max_tokens") -> list[Request]:
         if body.model != model_name:
             raise APIError(404, f"the model {body.model!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
         if max_tokens is not None and max_tokens > cap:
-            raise APIError(400, f"max_tokens is {max_tokens} but this server allows at most {cap}",
-                           param="max_tokens")
+            raise APIError(400, f"{max_tokens_param} is {max_tokens} but this server allows at most {cap}; "
+                                f"send an integer from 1 to {cap}", param=max_tokens_param)
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream true; leave it out or send stream: true",
+                           param="stream_options")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if any(not s for s in stop):
             raise APIError(400, "stop strings must not be empty", param="stop")
         param = "messages" if chat else "prompt"
         requests = []
         for text in prompts:
-            _check_text(text, param)
-            ids = tokenizer.encode(text)
+            if isinstance(text, str):
+                _check_text(text, param)
+                ids = tokenizer.encode(text)
+            else:  # token ids already
+                try:
+                    check_token_ids(text, model.config.vocab_size)
+                except ValueError as exc:
+                    raise APIError(400, f"prompt: {exc}", param=param) from None
+                ids = text
             try:
                 check_prompt_length(len(ids), context)
             except ValueError as exc:
@@ -211,6 +327,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
                 params = SamplingParams(
                     max_new_tokens=min(max_tokens or cap, cap), temperature=body.temperature,
                     top_k=body.top_k, top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                    frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
                     seed=None if body.seed is None else body.seed + j, stop=stop)
                 requests.append(Request(ids, params, chat=chat))
         work = sum(len(r.prompt_ids) + r.params.max_new_tokens for r in requests)
@@ -222,7 +339,9 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, http: HTTPRequest):
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        # One prompt is a string or a list of token ids; a list of either is several.
+        one = isinstance(body.prompt, str) or (bool(body.prompt) and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if one else body.prompt
         if not prompts:
             raise APIError(400, "prompt: give at least one prompt", param="prompt")
         if len(prompts) > max_prompts:
@@ -233,12 +352,17 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, http: HTTPRequest):
+        if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
+            raise APIError(400, "max_tokens and max_completion_tokens differ; send max_completion_tokens alone",
+                           param="max_tokens")
         try:
-            prompt = format_chat([{"role": m.role, "content": m.text()} for m in body.messages])
+            prompt = format_chat([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                  for m in body.messages])
         except ValueError as exc:
             raise APIError(400, str(exc), param="messages") from None
+        given = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
         requests = await run_in_threadpool(build_requests, body, [prompt], True,
-                                           body.max_completion_tokens or body.max_tokens)
+                                           body.max_completion_tokens or body.max_tokens, given)
         return await respond(body, requests, http, chat=True)
 
     async def respond(body: _Sampling, requests: list[Request], http: HTTPRequest, chat: bool):
@@ -246,7 +370,7 @@ def create_app(model, tokenizer, model_name: str, max_tokens_cap: int | None = N
         created = int(time.time())
         events = scheduler.submit(requests)  # ServerBusy (429) here, before any byte of a stream is sent
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            include_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
             return StreamingResponse(stream_events(events, requests, reply_id, created, chat, include_usage),
                                      media_type="text/event-stream")
         async for _ in _watch(events, http):

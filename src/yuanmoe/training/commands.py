@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from ..config import PRESETS, ConfigError, YuanConfig, preset
@@ -17,6 +16,7 @@ def register(sub) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT[:WEIGHT]",
                    help="a file or folder; several inputs are blended by their weights (default 1 each)")
     p.add_argument("--out", required=True, help="folder to write meta.json, token shards and the tokenizer to")
+    p.add_argument("--overwrite", action="store_true", help="replace the prepared data already in --out")
     tok = p.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="tokenizer to use: the official tokenizer.model, or a tokenizer folder")
     tok.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
@@ -47,15 +47,9 @@ def register(sub) -> None:
 def run_prepare(args) -> int:
     from ..data import prepare_dataset
 
-    created = not Path(args.out).exists()
-    try:
-        meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer,
-                               train_tokenizer_vocab=args.train_tokenizer, heldout_fraction=args.heldout,
-                               seed=args.seed, workers=args.workers, official_lines=args.official_lines)
-    except BaseException:
-        if created:  # a failed command leaves no folder behind
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise
+    meta = prepare_dataset(args.inputs, args.out, tokenizer=args.tokenizer, train_tokenizer_vocab=args.train_tokenizer,
+                           heldout_fraction=args.heldout, seed=args.seed, workers=args.workers,
+                           official_lines=args.official_lines, overwrite=args.overwrite)
     for s in meta["sources"]:
         train = sum(x["tokens"] for x in s["train"])
         valid = sum(x["tokens"] for x in s["valid"])
@@ -105,4 +99,4 @@ def run_train(args) -> int:
     held_out = f", held-out loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"step {result.step}: checkpoint {result.checkpoint}{held_out}")
-    return 130 if result.interrupted else 0
+    return 128 + result.interrupted if result.interrupted else 0

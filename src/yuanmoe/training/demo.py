@@ -86,7 +86,7 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int = 300, train_minutes:
     files = stdlib_files(corpus_bytes)
     print(f"corpus: {len(files)} Python standard library files under {stdlib_root()}")
     meta = prepare_dataset([Source(files, name="python-stdlib")], data_dir, train_tokenizer_vocab=vocab_size,
-                           heldout_fraction=0.03, workers=workers, progress=progress)
+                           heldout_fraction=0.03, workers=workers, progress=progress, overwrite=True)
     config = demo_config(meta)
     stats = model_stats(config, seq_len)
     print(f"model: {config.num_layers} layers, {config.num_experts} experts (top-{config.top_k}, {config.router} "
@@ -97,7 +97,7 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int = 300, train_minutes:
                       progress=progress, device=device)
     result = train(config, cfg)
     if result.interrupted:
-        return {"interrupted": True, "checkpoint": result.checkpoint}
+        return {"interrupted": result.interrupted, "checkpoint": result.checkpoint}
 
     model = from_pretrained(result.checkpoint, device=next(result.model.parameters()).device)
     tokenizer = load_tokenizer(result.checkpoint)
@@ -114,7 +114,7 @@ def run_demo(out: str | Path = "runs/demo", max_steps: int = 300, train_minutes:
     print(f"--- prompt + sampled continuation ---\n{PROMPT}{continuation}\n---")
     print(f"demo finished in {elapsed / 60:.1f} minutes; continue the prompt yourself with\n"
           f"  yuan generate {result.checkpoint} 'import os' --temperature 0.7")
-    return {"interrupted": False, "eval_loss": result.eval_loss, "checkpoint": result.checkpoint, "continuation": continuation,
+    return {"interrupted": 0, "eval_loss": result.eval_loss, "checkpoint": result.checkpoint, "continuation": continuation,
             "losses": result.losses, "seconds": elapsed}
 
 
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     outcome = run_demo(args.out, max_steps=args.max_steps, train_minutes=args.train_minutes, corpus_bytes=args.corpus_bytes, seq_len=args.seq_len,
                        batch_size=args.batch_size, device=args.device)
-    return 130 if outcome["interrupted"] else 0
+    return 128 + outcome["interrupted"] if outcome["interrupted"] else 0
 
 
 if __name__ == "__main__":

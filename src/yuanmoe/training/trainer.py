@@ -62,7 +62,7 @@ class TrainResult:
     eval_losses: dict[int, float] = field(default_factory=dict)  # step -> held-out loss
     eval_loss: float | None = None  # last held-out loss
     checkpoint: Path | None = None
-    interrupted: bool = False
+    interrupted: int = 0  # the signal (SIGINT, SIGTERM) that stopped the run early, 0 if none
     model: nn.Module | None = None  # the trained model (this rank's share of it under torchrun)
 
 
@@ -73,7 +73,14 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
     `resume_from`. With a checkpoint `model_config` may be None; if given it must match the
     checkpoint's architecture. Launched by torchrun, every rank calls this with the same arguments.
     `observe(step, model)`, if given, is called after each held-out evaluation (the experiments
-    record the routing there)."""
+    record the routing there). A SIGINT or SIGTERM from the first line on stops the run after the step
+    in progress, with a checkpoint of it."""
+    with StopOnSignal() as stop:
+        return _train(model_config, cfg, resume, resume_from, observe, stop)
+
+
+def _train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool, resume_from: int | None,
+           observe: Callable[[int, nn.Module], None] | None, stop: "StopOnSignal") -> TrainResult:
     from ..tokenizer import load_tokenizer
 
     device = init_distributed(cfg.device)
@@ -175,67 +182,68 @@ def train(model_config: YuanConfig | None, cfg: TrainConfig, resume: bool = Fals
                unit="step", disable=not (cfg.progress and leader), dynamic_ncols=True)
     meter = Throughput(step, cfg.samples_per_step * cfg.seq_len)
     try:
-        with StopOnSignal() as stop:
-            while step < cfg.max_steps:
-                lr, batches = begin_step(optimizer, dataset, cfg, step, warmup_steps)
-                stats = pm.train_step(batches)
-                if not np.isfinite(stats.loss):
-                    raise TrainingError(f"the training loss became {stats.loss} at step {step + 1}; stopping before "
-                                        f"it spoils the model (lower --lr, raise --warmup-steps, or resume "
-                                        f"from the last checkpoint)")
-                grad_norm = float(pm.clip_grad_norm_(cfg.grad_clip))
-                if not np.isfinite(grad_norm):
-                    raise TrainingError(f"the gradient norm became {grad_norm} at step {step + 1}; stopping "
-                                        f"before it spoils the model (lower --lr or resume from the last checkpoint)")
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                update_expert_bias(pm.module)
-                step += 1
-                result.step, result.losses[step] = step, stats.loss
-                meter.add(stats.expert_load)
-                # Ranks may see a signal, or reach the time limit, at different steps: stop together.
-                signalled, out_of_time = any_rank(stop.signum != 0, cfg.time_limit_s is not None
-                                                  and meter.elapsed() >= cfg.time_limit_s)
-                finished = step == cfg.max_steps or out_of_time
+        while step < cfg.max_steps:
+            lr, batches = begin_step(optimizer, dataset, cfg, step, warmup_steps)
+            stats = pm.train_step(batches)
+            if not np.isfinite(stats.loss):
+                raise TrainingError(f"the training loss became {stats.loss} at step {step + 1}; stopping before "
+                                    f"it spoils the model (lower --lr, raise --warmup-steps, or resume "
+                                    f"from the last checkpoint)")
+            grad_norm = float(pm.clip_grad_norm_(cfg.grad_clip))
+            if not np.isfinite(grad_norm):
+                raise TrainingError(f"the gradient norm became {grad_norm} at step {step + 1}; stopping "
+                                    f"before it spoils the model (lower --lr or resume from the last checkpoint)")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            update_expert_bias(pm.module)
+            step += 1
+            result.step, result.losses[step] = step, stats.loss
+            meter.add(stats.expert_load)
+            # Ranks may see a signal, or reach the time limit, at different steps: stop together.
+            signalled, out_of_time = any_rank(stop.signum != 0, cfg.time_limit_s is not None
+                                              and meter.elapsed() >= cfg.time_limit_s)
+            finished = step == cfg.max_steps or out_of_time
 
-                if leader and (step % cfg.log_every == 0 or finished or signalled):
-                    record = {"step": step, "loss": round(stats.loss, 6), "lr": lr,
-                              "grad_norm": round(grad_norm, 6), **meter.take(step)}
-                    if model_config.is_moe:
-                        record["aux_loss"] = round(stats.aux_loss, 6)
-                    log.write(record)
-                    bar.set_postfix_str(f"loss {stats.loss:.3f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}",
-                                        refresh=False)
-                bar.update(1)
-                if dataset.num_valid_windows and (step % cfg.eval_every == 0 or finished):
-                    eval_loss = evaluate(pm, dataset, cfg)
-                    if eval_loss is not None:
-                        result.eval_loss = result.eval_losses[step] = eval_loss
-                        if leader:
-                            log.write({"step": step, "eval_loss": round(eval_loss, 6)})
-                            bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
-                    if observe is not None:
-                        observe(step, pm.module)
-                if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
-                    state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
-                             "train_config": dataclasses.asdict(cfg), "tokenizer_fingerprint": fingerprint}
-                    if lora is not None:
-                        state["lora"] = {**lora.to_dict(), "base": str(weights_from.resolve())}
-                    result.checkpoint = checkpointer.save(step, pm, optimizer, state)
-                if signalled:
-                    bar.write("stop requested: " + (f"saved {result.checkpoint}; continue with --resume"
-                                                    if cfg.save else "not saved (checkpoints are off)"))
-                    result.interrupted = True
-                    break
-                if out_of_time:
-                    bar.write(f"time limit of {cfg.time_limit_s:.0f} s reached after step {step} of {cfg.max_steps}")
-                    break
+            if leader and (step % cfg.log_every == 0 or finished or signalled):
+                record = {"step": step, "loss": round(stats.loss, 6), "lr": lr,
+                          "grad_norm": round(grad_norm, 6), **meter.take(step)}
+                if model_config.is_moe:
+                    record["aux_loss"] = round(stats.aux_loss, 6)
+                log.write(record)
+                bar.set_postfix_str(f"loss {stats.loss:.3f}  {record['tokens_per_s']:,.0f} tok/s  lr {lr:.2e}",
+                                    refresh=False)
+            bar.update(1)
+            if dataset.num_valid_windows and (step % cfg.eval_every == 0 or finished):
+                eval_loss = evaluate(pm, dataset, cfg)
+                if eval_loss is not None:
+                    result.eval_loss = result.eval_losses[step] = eval_loss
+                    if leader:
+                        log.write({"step": step, "eval_loss": round(eval_loss, 6)})
+                        bar.write(f"step {step}: held-out loss {eval_loss:.4f}")
+                if observe is not None:
+                    observe(step, pm.module)
+            if cfg.save and (step % cfg.save_every == 0 or finished or signalled):
+                state = {"samples_seen": step * cfg.samples_per_step, "parallel": str(dims),
+                         "train_config": dataclasses.asdict(cfg), "tokenizer_fingerprint": fingerprint}
+                if lora is not None:
+                    state["lora"] = {**lora.to_dict(), "base": str(weights_from.resolve())}
+                result.checkpoint = checkpointer.save(step, pm, optimizer, state)
+            if signalled:
+                bar.write("stop requested: " + (f"saved {result.checkpoint}; continue with --resume"
+                                                if cfg.save else "not saved (checkpoints are off)"))
+                result.interrupted = stop.signum or signal.SIGTERM  # another rank's signal
+                break
+            if out_of_time:
+                bar.write(f"time limit of {cfg.time_limit_s:.0f} s reached after step {step} of {cfg.max_steps}")
+                break
     finally:
         bar.close()
         if log is not None:
             log.close()
     if leader:
         plot_loss(run_dir)
+    # A signal after the last step found the work done and saved; the exit status still reports it.
+    result.interrupted = result.interrupted or stop.signum
     return result
 
 
