@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .config import ConfigError, YuanConfig
 from .convert.official import (CheckpointError, config_from_official, config_to_official, native_to_official,
                                official_layer_to_native, official_shared_to_native)
-from . import utils
+from .utils import writing_folder as _output_folder
 from .device import auto_dtype, dtype_name, resolve_device, resolve_dtype
 from .model import YuanForCausalLM
 from .model.attention import rope_description
@@ -102,7 +102,7 @@ def check_tokenizer_fits(config: YuanConfig, tokenizer) -> None:
 
 def writing_folder(path: Path):
     """Where a checkpoint folder is built (utils.writing_folder): `path` never holds half a checkpoint."""
-    return utils.writing_folder(path, CONFIG_FILE, "checkpoint")
+    return _output_folder(path, CONFIG_FILE, "checkpoint")
 
 
 def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
