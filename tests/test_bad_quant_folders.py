@@ -23,9 +23,6 @@ from yuanmoe.quant import modules as quant_modules
 from yuanmoe.quant.formats import _GPTQ_LINEAR
 from yuanmoe.quant.modules import QuantExperts, QuantLinear
 
-TRIED = []  # (hidden, ffn, experts, group, bits, sym) of every folder written, for the note
-
-
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """AutoGPTQ's packing: whole blocks of 32/bits values along `dim`, low bits first; a partial
     last block is dropped, as AutoGPTQ's pack() does (its loops stop at `size // 32 * bits`)."""
@@ -101,7 +98,6 @@ def test_any_decodable_gptq_folder_loads_and_computes_its_weights(tmp_path_facto
     model = tiny(hidden, ffn, experts, hidden * (2 if wide else 1))  # the official code needs projection >= hidden
     folder = tmp_path_factory.mktemp("gptq") / "m"
     reference = write_gptq(folder, model, bits, group, sym)
-    TRIED.append((hidden, ffn, experts, group, bits, sym))
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         expected = reference(ids).logits

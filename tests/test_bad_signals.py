@@ -24,7 +24,6 @@ from yuanmoe import from_pretrained
 from yuanmoe.cli import main
 
 POINTS = 15  # signal points per command and signal (spread over the whole run)
-TRIED: dict[str, int] = {}  # command -> signalled runs, for the note
 TRAIN = ["--preset", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2", "--no-tensorboard",
          "--dtype", "float32", "--device", "cpu", "--max-steps", "3"]
 
@@ -126,7 +125,6 @@ def test_an_interrupted_command_leaves_all_or_nothing(command, signum, text, pre
         assert leftovers(tmp_path) == [], at
         if out.exists() and files(out) != before:
             assert files(out) == complete, f"signal at call {at}: {out} holds part of the output"
-        TRIED[command] = TRIED.get(command, 0) + 1
 
 
 @pytest.mark.slow
@@ -148,7 +146,6 @@ def test_a_signalled_training_run_always_resumes_to_the_uninterrupted_weights(si
         assert main(again) == 0, capsys.readouterr().err[-2000:]
         resumed = from_pretrained(out / "checkpoints" / "step-0000003").state_dict()
         assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted), f"signal at call {at}"
-        TRIED["train"] = TRIED.get("train", 0) + 1
 
 
 @pytest.mark.slow
